@@ -1,0 +1,27 @@
+"""Where run directories and the shared real data sets live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shared_data_root() -> Path:
+    """``$SHARED_DATA``, defaulting to ``<repo>/../shared/data``."""
+    return Path(os.environ.get("SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def resolve_data_path(value: str | Path) -> Path:
+    """Expand ``$SHARED_DATA`` / ``${SHARED_DATA}`` (with its default) and ``~`` in a config path."""
+    text = str(value)
+    for token in ("${SHARED_DATA}", "$SHARED_DATA"):
+        text = text.replace(token, str(shared_data_root()))
+    return Path(os.path.expanduser(os.path.expandvars(text)))
+
+
+def default_run_dir(config_path: str | Path | None, fallback: str) -> Path:
+    """``runs/<config stem>`` (mmdetection's work_dirs convention), or ``runs/<fallback>``."""
+    stem = Path(config_path).stem if config_path is not None else fallback
+    return Path("runs") / stem
