@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backbone.runtime.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
@@ -25,6 +27,11 @@ IMAGE_EXTENSIONS = frozenset(
 LABEL_FILE_NAMES = ("LOC_val_solution.csv", "val_labels.txt", "labels.txt", "val.txt")
 
 Sample = tuple[str, int]
+
+
+class DataSetError(UserError, ValueError):
+    """A classification data set that cannot be read as asked; ``str()`` is one line naming the
+    folder or file and the problem (tools print it and exit 2)."""
 
 
 def _is_image_name(name: str) -> bool:
@@ -54,7 +61,7 @@ def scan_class_folders(directory: str | Path) -> tuple[list[Sample], list[str]]:
     directory = Path(directory)
     class_names = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
     if not class_names:
-        raise ValueError(f"{directory}: no class folders found")
+        raise DataSetError(f"{directory}: no class folders found")
     samples: list[Sample] = []
     ignored_total = 0
     for label, name in enumerate(class_names):
@@ -66,7 +73,7 @@ def scan_class_folders(directory: str | Path) -> tuple[list[Sample], list[str]]:
     if ignored_total:
         logger.info("%s: ignored %d files without an image extension", directory, ignored_total)
     if not samples:
-        raise ValueError(f"{directory}: no images found in {len(class_names)} class folders")
+        raise DataSetError(f"{directory}: no images found in {len(class_names)} class folders")
     return samples, class_names
 
 
@@ -85,7 +92,7 @@ def _parse_label(token: str, class_names: Sequence[str], where: str) -> int:
         return class_names.index(token)
     if token.isdigit() and int(token) < len(class_names):
         return int(token)
-    raise ValueError(
+    raise DataSetError(
         f"{where}: unknown class {token!r} (not a class folder name or index < {len(class_names)})"
     )
 
@@ -99,7 +106,7 @@ def _read_label_rows(label_file: Path) -> list[tuple[str, str, str]]:
                 if not row or (number == 1 and row[0].strip().lower() == "imageid"):
                     continue
                 if len(row) < 2 or not row[1].split():
-                    raise ValueError(f"{label_file}:{number}: expected 'ImageId,PredictionString'")
+                    raise DataSetError(f"{label_file}:{number}: expected 'ImageId,PredictionString'")
                 rows.append((row[0].strip(), row[1].split()[0], f"{label_file}:{number}"))
         else:
             for number, line in enumerate(handle, start=1):
@@ -107,7 +114,7 @@ def _read_label_rows(label_file: Path) -> list[tuple[str, str, str]]:
                 if not parts or parts[0].startswith("#"):
                     continue
                 if len(parts) != 2:
-                    raise ValueError(
+                    raise DataSetError(
                         f"{label_file}:{number}: expected 'filename label', got {line.strip()!r}"
                     )
                 rows.append((parts[0], parts[1], f"{label_file}:{number}"))
@@ -123,7 +130,7 @@ def read_val_labels(label_file: str | Path, val_dir: str | Path, class_names: Se
     """
     label_file, val_dir = Path(label_file), Path(val_dir)
     if not label_file.is_file():
-        raise ValueError(f"{label_file}: label file not found")
+        raise DataSetError(f"{label_file}: label file not found")
     paths, _ = list_images(val_dir, recursive=False)
     by_name = {os.path.basename(p): p for p in paths}
     by_stem = {os.path.splitext(name)[0]: p for name, p in by_name.items()}
@@ -142,7 +149,7 @@ def read_val_labels(label_file: str | Path, val_dir: str | Path, class_names: Se
     if unlabelled:
         logger.warning("%s: %d images have no label in %s and are left out", val_dir, unlabelled, label_file)
     if not labelled:
-        raise ValueError(f"{label_file}: no entry matches an image in {val_dir}")
+        raise DataSetError(f"{label_file}: no entry matches an image in {val_dir}")
     return sorted(labelled.items())
 
 

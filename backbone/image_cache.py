@@ -18,11 +18,12 @@ import numpy as np
 from tqdm import tqdm
 
 from backbone.image_io import ImageDecodeError, read_image_rgb
+from backbone.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(UserError, ValueError):
     """A file that cannot be decoded, under ``strict``. ``str()`` is ``"PATH: problem"``.
 
     torch re-raises a DataLoader worker's exception as ``type(msg)`` with the worker traceback in
@@ -100,7 +101,7 @@ class DecodedImageCache:
                 images.append(np.ascontiguousarray(result))
                 kept.append(index)
         if not images:
-            raise ValueError(f"none of the {len(paths)} images could be decoded")
+            raise CorruptImageError(f"none of the {len(paths)} images could be decoded")
         sizes = np.array([image.size for image in images], np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         buffer = np.empty(int(offsets[-1]), np.uint8)
