@@ -14,6 +14,8 @@ optional occluders; backgrounds are textured with the same generators plus clutt
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 import torch
@@ -230,6 +232,18 @@ def render_object_image(index: int, size: int = 144, seed: int = 0) -> tuple[np.
     return _finish(rng, image), label
 
 
+@dataclass
+class SceneLayout:
+    """A rendered scene with what produced it: ``owner[y, x]`` is the index of the object a pixel
+    shows (-1: background) and ``full_areas[k]`` object k's pixel count before any occlusion."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    boxes: np.ndarray  # (N, 4) float32 xyxy, tight on the visible pixels
+    labels: np.ndarray  # (N,) int64
+    owner: np.ndarray  # (H, W) int32
+    full_areas: np.ndarray  # (N,) int64
+
+
 def render_scene(
     index: int, size: int | tuple[int, int] = 256, seed: int = 0, max_objects: int = 6
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -241,6 +255,14 @@ def render_scene(
     object's visible pixels in continuous coordinates (``x2 = last column + 1``), the convention
     of ``detect/datasets/records.py``.
     """
+    layout = render_scene_layout(index, size, seed, max_objects)
+    return layout.image, layout.boxes, layout.labels
+
+
+def render_scene_layout(
+    index: int, size: int | tuple[int, int] = 256, seed: int = 0, max_objects: int = 6
+) -> SceneLayout:
+    """``render_scene`` plus the per-pixel object map (for tests, masks and debugging)."""
     height, width = (size, size) if isinstance(size, int) else size
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {max_objects}")
@@ -272,7 +294,9 @@ def render_scene(
     for k in range(len(labels)):
         ys, xs = np.nonzero(owner == k)
         boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-    return _finish(rng, image), boxes, np.asarray(labels, np.int64)
+    return SceneLayout(
+        _finish(rng, image), boxes, np.asarray(labels, np.int64), owner, np.asarray(full_areas, np.int64)
+    )
 
 
 class SyntheticShapesDataset(Dataset):
