@@ -1,0 +1,242 @@
+"""What every reader shares: the error type, the load report, safe paths, true image sizes, box repair.
+
+Readers never trust what annotations say about an image: its size comes from the file's header
+(PIL reads only the header, so a 4000 px JPEG costs microseconds), falling back to a full decode by
+``backbone.image_io.read_image_rgb`` when PIL cannot identify the bytes. The header size equals the
+decoded size because both ignore EXIF orientation (``read_image_rgb`` decodes with
+``IMREAD_IGNORE_ORIENTATION``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from backbone.image_io import ImageDecodeError, read_image_rgb
+from backbone.runtime.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["raise", "skip"]
+T = TypeVar("T")
+R = TypeVar("R")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".JPEG", ".JPG", ".PNG", ".webp", ".tif", ".tiff")
+
+# Every kind of repair or skip a reader can report, with the sentence the summary prints.
+REPORT_KINDS: dict[str, str] = {
+    "box_clipped": "boxes clipped to the image",
+    "box_inverted_dropped": "inverted boxes dropped (x2 < x1 or y2 < y1)",
+    "box_zero_area_dropped": "zero-area boxes dropped",
+    "box_outside_dropped": "boxes entirely outside the image dropped",
+    "size_zero_fixed": "annotated size 0x0 replaced by the image's real size",
+    "size_missing_fixed": "annotated size missing, taken from the image",
+    "size_mismatch_fixed": "annotated size disagreeing with the image replaced by the real size",
+    "content_not_extension": "files whose content format differs from their extension (decoded by content)",
+    "content_not_rgb": "images that are not plain RGB (RGBA/palette/grayscale/CMYK/16-bit; decoded to RGB)",
+    "image_without_objects": "images without objects kept",
+    "negative_image_no_annotation": "negative images without an annotation file kept with no objects",
+    "difficult_kept": "difficult objects kept (flagged)",
+    "crowd_as_difficult": "COCO iscrowd annotations kept as difficult",
+    "skipped": "files skipped on error",
+}
+
+_EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}
+_EXTENSION_FORMATS.update({".tif": "TIFF", ".tiff": "TIFF"})
+
+
+class DatasetError(UserError, ValueError):
+    """Bad data set input; ``str()`` is one line: ``"FILE: problem"``."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass
+class LoadReport:
+    """What a reader fixed, kept or skipped: ``events[kind]`` lists one file name per occurrence."""
+
+    name: str = ""
+    events: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, kind: str, file: str | Path) -> None:
+        if kind not in REPORT_KINDS:
+            raise KeyError(f"unknown report kind {kind!r}")
+        self.events.setdefault(kind, []).append(str(file))
+
+    def extend(self, events: Iterable[tuple[str, str]]) -> None:
+        for kind, file in events:
+            self.add(kind, file)
+
+    def count(self, kind: str) -> int:
+        return len(self.events.get(kind, []))
+
+    def counts(self) -> dict[str, int]:
+        return {kind: len(files) for kind, files in self.events.items() if files}
+
+    def files(self, kind: str) -> list[str]:
+        """Distinct file names of ``kind`` in first-seen order."""
+        return list(dict.fromkeys(self.events.get(kind, [])))
+
+    def lines(self, max_files: int = 5) -> list[str]:
+        """Human-readable summary, one line per kind that occurred, naming up to ``max_files`` files."""
+        out = []
+        for kind, description in REPORT_KINDS.items():
+            if not self.events.get(kind):
+                continue
+            names = self.files(kind)
+            shown = ", ".join(Path(n).name if kind != "skipped" else n for n in names[:max_files])
+            more = f", ... ({len(names) - max_files} more files)" if len(names) > max_files else ""
+            out.append(f"{self.name}: {description}: {self.count(kind)} ({shown}{more})")
+        return out
+
+    def log(self, log: logging.Logger = logger) -> None:
+        for line in self.lines():
+            log.info(line)
+
+
+def resolve_inside(root: str | Path, name: str, source: str | Path) -> Path:
+    """``root / name`` as an absolute path, refusing names that escape ``root``.
+
+    ``name`` comes from an annotation file (``source``), so ``..`` components and absolute paths
+    that leave the image root are rejected. The check is lexical: a symlink the user placed inside
+    the root (e.g. ``images -> /mnt/big``) is followed as usual.
+    """
+    if not name or "\x00" in name:
+        raise DatasetError(source, f"empty or invalid image file name {name!r}")
+    root_abs = os.path.abspath(root)
+    candidate = os.path.normpath(os.path.join(root_abs, name))
+    if os.path.commonpath([root_abs, candidate]) != root_abs:
+        raise DatasetError(source, f"file name {name!r} resolves outside the image root {root_abs}")
+    return Path(candidate)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    events: tuple[tuple[str, str], ...]  # report events about the content (format, colour mode)
+
+
+def read_image_info(path: Path) -> ImageInfo:
+    """True ``(width, height)`` of an image file from its header; decodes only if PIL cannot read it."""
+    if not path.is_file():
+        raise DatasetError(path, "image file not found")
+    events: list[tuple[str, str]] = []
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            fmt, mode = image.format, image.mode
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        try:
+            decoded = read_image_rgb(path)
+        except ImageDecodeError as err:
+            raise DatasetError(path, err.problem) from err
+        return ImageInfo(int(decoded.shape[1]), int(decoded.shape[0]), ())
+    expected = _EXTENSION_FORMATS.get(path.suffix.lower())
+    if expected is not None and fmt != expected and not (expected == "JPEG" and fmt == "MPO"):
+        events.append(("content_not_extension", str(path)))
+    if mode != "RGB":
+        events.append(("content_not_rgb", str(path)))
+    if width <= 0 or height <= 0:
+        raise DatasetError(path, f"image has no pixels ({width}x{height})")
+    return ImageInfo(int(width), int(height), tuple(events))
+
+
+def find_image(image_dir: Path, stem: str, source: str | Path) -> Path | None:
+    """The file ``image_dir/stem.EXT`` for the first known image extension that exists."""
+    for ext in IMAGE_EXTENSIONS:
+        candidate = resolve_inside(image_dir, stem + ext, source)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def repair_boxes(
+    boxes: np.ndarray, width: int, height: int, source: str
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Clip ``(N, 4)`` xyxy boxes to the image and drop the degenerate ones.
+
+    Returns ``(clipped boxes float32, indices kept, report events)``. Inverted and zero-area boxes
+    are dropped as annotated; boxes that clipping leaves empty (entirely outside) are dropped too.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if not np.isfinite(boxes).all():
+        raise DatasetError(source, "box coordinate is not a finite number")
+    events: list[tuple[str, str]] = []
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    inverted = (widths < 0) | (heights < 0)
+    zero_area = ~inverted & ((widths == 0) | (heights == 0))
+    limits = np.array([width, height, width, height], np.float64)
+    clipped = np.clip(boxes, 0.0, limits)
+    changed = (clipped != boxes).any(axis=1) & ~inverted & ~zero_area
+    empty_after = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    outside = changed & empty_after
+    events += [("box_inverted_dropped", source)] * int(inverted.sum())
+    events += [("box_zero_area_dropped", source)] * int(zero_area.sum())
+    events += [("box_outside_dropped", source)] * int(outside.sum())
+    events += [("box_clipped", source)] * int((changed & ~outside).sum())
+    keep = np.flatnonzero(~inverted & ~zero_area & ~outside)
+    return clipped[keep].astype(np.float32), keep, events
+
+
+def checked_size(
+    annotated: tuple[int, int] | None, real: tuple[int, int], source: str
+) -> list[tuple[str, str]]:
+    """Report events for an annotated ``(width, height)`` versus the image's real one."""
+    if annotated is None:
+        return [("size_missing_fixed", source)]
+    if annotated == (0, 0):
+        return [("size_zero_fixed", source)]
+    if annotated != real:
+        return [("size_mismatch_fixed", source)]
+    return []
+
+
+def map_items(
+    function: Callable[[T], R], items: Iterable[T], workers: int, on_error: OnError
+) -> Iterator[tuple[T, R | None, DatasetError | None]]:
+    """Apply ``function`` to each item in threads (I/O bound: headers, XML), in input order.
+
+    Yields ``(item, result, None)`` or, with ``on_error="skip"``, ``(item, None, error)``; with
+    ``on_error="raise"`` the first error (in input order) propagates.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+    def guarded(item: T) -> tuple[R | None, DatasetError | None]:
+        try:
+            return function(item), None
+        except DatasetError as err:
+            return None, err
+
+    items = list(items)
+    if workers <= 1 or len(items) < 32:
+        results: Iterable[tuple[R | None, DatasetError | None]] = map(guarded, items)
+        executor = None
+    else:
+        executor = ThreadPoolExecutor(max_workers=workers)
+        results = executor.map(guarded, items)
+    try:
+        for item, (result, error) in zip(items, results, strict=True):
+            if error is not None and on_error == "raise":
+                raise error
+            yield item, result, error
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def default_workers() -> int:
+    # Header reads and XML parsing wait on the disk, not the CPU: a few threads beyond the cores help.
+    return min(8, (os.cpu_count() or 1) * 4)

@@ -1,0 +1,152 @@
+"""ILSVRC DET (2013-2017 layout): ``Data/DET/<split>``, ``Annotations/DET/<split>``, ``ImageSets/DET``.
+
+Objects are named by WordNet synset id (``n02672831``); a mapping gives each of the 200 classes its
+index and name: the devkit's ``meta_det.mat`` or a text file with lines ``WNID [INDEX] NAME...``
+(e.g. ``map_det.txt``). Images listed without an annotation file are the negative-only images
+(``ILSVRC2013_train_extra*``): they are kept with no objects and counted in the report.
+
+List files hold ``NAME [NUMBER]``. In ``val.txt`` / ``test.txt`` NUMBER is the official image index
+the devkit scores submissions by, so it becomes ``image_id`` when the numbers are distinct positive
+integers; in the per-class ``train_K.txt`` lists NUMBER is a +1/-1 flag, and ids are 1-based
+positions instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from detect.datasets.common import (
+    DatasetError,
+    LoadReport,
+    OnError,
+    default_workers,
+    map_items,
+    read_image_info,
+    resolve_inside,
+)
+from detect.datasets.records import DetectionDataset, DetectionRecord
+from detect.datasets.voc import parse_voc_xml, record_from_xml
+
+
+def _det_id_field(names: tuple[str, ...]) -> str:
+    for candidate in names:
+        if candidate.upper().endswith("DET_ID"):
+            return candidate
+    raise KeyError("DET_ID")
+
+
+def read_synset_mapping(path: str | Path) -> list[tuple[str, str]]:
+    """``[(wnid, name)]`` in class-index order from ``meta_det.mat`` or a ``WNID [INDEX] NAME`` text."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "synset mapping file not found")
+    if path.suffix.lower() == ".mat":
+        from scipy.io import loadmat  # only this branch needs scipy.io
+
+        try:
+            synsets = loadmat(str(path), squeeze_me=True, struct_as_record=True)["synsets"]
+            id_field = _det_id_field(synsets.dtype.names)
+            rows = [(int(s[id_field]), str(s["WNID"]), str(s["name"])) for s in np.atleast_1d(synsets)]
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise DatasetError(
+                path, f"not an ILSVRC meta_det.mat with synsets (DET_ID, WNID, name): {err}"
+            ) from None
+        # Ids 1..200 are the detection classes; larger ids are hierarchy nodes used for display only.
+        rows = sorted(r for r in rows if 1 <= r[0] <= 200)
+        return [(wnid, name) for _, wnid, name in rows]
+    mapping: list[tuple[int, str, str]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) >= 3 and parts[1].isdigit():
+            mapping.append((int(parts[1]), parts[0], " ".join(parts[2:])))
+        elif len(parts) >= 2:
+            mapping.append((len(mapping) + 1, parts[0], " ".join(parts[1:])))
+        else:
+            raise DatasetError(path, f"line {number}: expected 'WNID [INDEX] NAME', got {line.strip()!r}")
+    mapping.sort()
+    wnids = [w for _, w, _ in mapping]
+    if len(set(wnids)) != len(wnids):
+        raise DatasetError(path, "a synset id appears twice")
+    return [(wnid, name) for _, wnid, name in mapping]
+
+
+def read_image_set(path: Path) -> list[tuple[str, int | None]]:
+    """``[(name, number)]`` from an ``ImageSets/DET`` list file."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DatasetError(path, "image set list not found") from None
+    entries: list[tuple[str, int | None]] = []
+    for number, line in enumerate(lines, start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            entries.append((parts[0], int(parts[1]) if len(parts) > 1 else None))
+        except ValueError:
+            raise DatasetError(path, f"line {number}: second column {parts[1]!r} is not an integer") from None
+    return entries
+
+
+def read_ilsvrc_det(
+    root: str | Path,
+    split: str = "val",
+    image_set: str | None = None,
+    synsets: str | Path | list[tuple[str, str]] | None = None,
+    on_error: OnError = "raise",
+    workers: int | None = None,
+) -> tuple[DetectionDataset, LoadReport]:
+    """Read ``root/ImageSets/DET/<image_set or split>.txt`` over ``Data/DET/<split>``.
+
+    ``synsets``: mapping file, ``[(wnid, name)]``, or None to look for ``devkit/data/meta_det.mat``
+    or ``map_det.txt`` / ``devkit/data/map_det.txt`` under ``root``.
+    """
+    root = Path(root)
+    if synsets is None:
+        candidates = [
+            root / "devkit/data/meta_det.mat",
+            root / "map_det.txt",
+            root / "devkit/data/map_det.txt",
+        ]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise DatasetError(root, "no synset mapping found (pass synsets=meta_det.mat or map_det.txt)")
+        synsets = found
+    mapping = read_synset_mapping(synsets) if isinstance(synsets, (str, Path)) else list(synsets)
+    class_index = {wnid: i for i, (wnid, _) in enumerate(mapping)}
+    list_file = root / "ImageSets" / "DET" / f"{image_set or split}.txt"
+    entries = read_image_set(list_file)
+    numbers = [n for _, n in entries]
+    use_numbers = all(n is not None and n > 0 for n in numbers) and len(set(numbers)) == len(numbers)
+    data_dir, ann_dir = root / "Data" / "DET" / split, root / "Annotations" / "DET" / split
+    items = [
+        (
+            int(number) if use_numbers else i + 1,  # type: ignore[arg-type]
+            resolve_inside(data_dir, f"{name}.JPEG", list_file),
+            resolve_inside(ann_dir, f"{name}.xml", list_file),
+        )
+        for i, (name, number) in enumerate(entries)
+    ]
+
+    def build(item: tuple[int, Path, Path]) -> tuple[DetectionRecord, list[tuple[str, str]]]:
+        image_id, image_path, xml_path = item
+        if not xml_path.is_file():  # a negative-only image: nothing of the 200 classes in it
+            info = read_image_info(image_path)
+            record = DetectionRecord(image_id, str(image_path), info.width, info.height)
+            return record, [*info.events, ("negative_image_no_annotation", str(image_path))]
+        return record_from_xml(parse_voc_xml(xml_path), image_path, image_id, class_index)
+
+    report = LoadReport(name=f"ILSVRC DET {image_set or split}")
+    records = []
+    for _, built, error in map_items(build, items, workers or default_workers(), on_error):
+        if error is not None:
+            report.add("skipped", f"{error.path}: {error.problem}")
+        else:
+            records.append(built[0])
+            report.extend(built[1])
+    class_names = [name for _, name in mapping]
+    return DetectionDataset(records, class_names, list(range(1, len(mapping) + 1)), report.name), report
