@@ -1,0 +1,87 @@
+"""Pictures for people: boxes drawn on images, precision-recall curves as PNG files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_PALETTE = np.array(
+    [
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+    ]
+    + [(240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)],
+    np.uint8,
+)
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    r, g, b = _PALETTE[label % len(_PALETTE)]
+    return int(r), int(g), int(b)
+
+
+def draw_boxes(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    scores: np.ndarray | None = None,
+    thickness: int = 2,
+) -> np.ndarray:
+    """A copy of the ``(H, W, 3)`` uint8 RGB ``image`` with xyxy ``boxes`` and their class (and score)."""
+    canvas = np.ascontiguousarray(image).copy()
+    for k, (box, label) in enumerate(zip(np.asarray(boxes).reshape(-1, 4), np.asarray(labels), strict=True)):
+        colour = class_colour(int(label))
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        cv2.rectangle(canvas, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), colour, thickness)
+        text = class_names[int(label)] + (f" {float(scores[k]):.2f}" if scores is not None else "")
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+        top = max(y1 - th - 4, 0)
+        cv2.rectangle(canvas, (x1, top), (x1 + tw + 4, top + th + 4), colour, -1)
+        cv2.putText(
+            canvas, text, (x1 + 2, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA
+        )
+    return canvas
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
+
+
+def save_pr_curves(
+    curves: list[tuple[np.ndarray, np.ndarray]],
+    ap: list[float],
+    class_names: list[str],
+    out_dir: str | Path,
+    title: str = "",
+) -> list[Path]:
+    """One PNG per class (``pr_<index>_<name>.png``) with its precision-recall curve and AP."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, ((recall, precision), value, name) in enumerate(zip(curves, ap, class_names, strict=True)):
+        fig, axis = plt.subplots(figsize=(4.5, 4), dpi=100)
+        if len(recall):
+            axis.step(recall, precision, where="post", color="tab:blue")
+        label = "n/a (no ground truth)" if np.isnan(value) else f"{100 * value:.2f}"
+        axis.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
+        axis.set_title(f"{title} {name}: AP {label}".strip(), fontsize=10)
+        axis.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"pr_{index:03d}_{_file_safe(name)}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written

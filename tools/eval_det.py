@@ -1,0 +1,93 @@
+"""Score saved detections (COCO results JSON) against ground truth; print per-class AP and mAP.
+
+    python tools/eval_det.py --gt GT --dets DETS.json --metric coco|voc07|voc|ilsvrc [--out DIR]
+
+GT is a COCO JSON or a data set directory (VOC year dir with --image-set, ILSVRC root, folder of
+images + XML). Writes DIR/metrics.json and DIR/pr/pr_<index>_<class>.png (one precision-recall
+curve per class). With a COCO JSON as GT, ``coco`` runs pycocotools on that file exactly as given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from backbone.runtime import run_tool, setup_logging
+from detect.datasets import DatasetError, dataset_to_coco, detect_format, open_detection_dataset
+from detect.datasets.coco import load_json
+from detect.evaluation import (
+    METRICS,
+    detections_from_coco_results,
+    evaluate_coco,
+    evaluate_pascal,
+    ground_truth_arrays,
+)
+from detect.visualize import save_pr_curves
+
+logger = logging.getLogger("eval_det")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gt", required=True, help="COCO JSON or VOC / ILSVRC / folder data set directory")
+    parser.add_argument(
+        "--dets", required=True, help="COCO results JSON [{image_id, category_id, bbox, score}]"
+    )
+    parser.add_argument("--metric", choices=METRICS, default="voc")
+    parser.add_argument(
+        "--iou", type=float, default=0.5, help="IoU threshold for voc07/voc (ILSVRC: the cap)"
+    )
+    parser.add_argument("--out", default="runs/eval_det", help="output directory (metrics.json, pr/*.png)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the per-class PR curve PNGs")
+    parser.add_argument("--image-set", help="VOC ImageSets/Main set or ILSVRC list (default val)")
+    parser.add_argument("--names-file", help="folder layouts: split list (.csv with 'filename' or .txt)")
+    parser.add_argument("--classes", help="comma-separated class names (default: VOC's 20 / discovered)")
+    parser.add_argument("--synsets", help="ILSVRC: meta_det.mat or 'WNID [INDEX] NAME' text mapping")
+    parser.add_argument("--image-root", help="COCO GT: folder of its images")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    setup_logging()
+    dataset, report = open_detection_dataset(
+        args.gt,
+        image_set=args.image_set,
+        class_names=[c.strip() for c in args.classes.split(",")] if args.classes else None,
+        image_root=args.image_root,
+        names_file=args.names_file,
+        synsets=args.synsets,
+    )
+    report.log(logger)
+    results = load_json(args.dets)
+    dets = detections_from_coco_results(results, dataset.category_ids, args.dets)
+    known = np.asarray(sorted(r.image_id for r in dataset.records), np.int64)
+    unknown = dets.image_ids[~np.isin(dets.image_ids, known)]
+    if unknown.size:
+        raise DatasetError(args.dets, f"image id {int(unknown[0])} is not in the ground truth {args.gt}")
+    if args.metric == "coco":
+        # A COCO file is scored as is (areas, crowd regions); other layouts through their records.
+        gt_coco = load_json(args.gt) if detect_format(args.gt) == "coco" else None
+        if gt_coco is None:
+            gt_coco = dataset_to_coco(dataset)
+        result = evaluate_coco(gt_coco, results, dataset.class_names, dataset.category_ids)
+        print(result.summary_text)
+    else:
+        result = evaluate_pascal(ground_truth_arrays(dataset), dets, args.metric, args.iou)
+    print(result.table())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = result.to_json_dict() | {"gt": str(args.gt), "dets": str(args.dets), "num_images": len(known)}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if not args.no_plots:
+        save_pr_curves(result.curves, result.ap, result.class_names, out / "pr", title=args.metric)
+    print(f"wrote {out / 'metrics.json'}" + ("" if args.no_plots else f" and {out / 'pr'}/*.png"))
+
+
+if __name__ == "__main__":
+    run_tool(main, get_args_parser().parse_args())
