@@ -1,0 +1,326 @@
+"""Proposals of a whole split, cached as fingerprinted ``.npz`` shards; resumable and parallel.
+
+Layout of a cache directory::
+
+    manifest.json        fingerprint and what went into it, shard size, completeness
+    shard_00000.npz      image_ids, counts, boxes (sum(counts), 4), scores, seconds, fingerprint
+
+The fingerprint hashes the method and all its parameters (the MultiBox file's content, OpenCV's
+version) and the data set (each image's id, path, byte size and modification time). A cache whose
+fingerprint differs from the wanted one is stale: it is reported, deleted and rebuilt, never read.
+Shards are written atomically (temporary file + rename), so an interrupted run leaves only
+complete shards, and the next run computes just the missing ones. Every shard carries the
+fingerprint too, so a shard left over from another configuration is never mistaken for a valid one.
+
+Images are processed by a pool of worker processes (one per core of this torchrun process); under
+torchrun, shard ``i`` belongs to rank ``i % world_size`` and every rank writes its own shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from backbone.runtime.dist import barrier, get_rank, get_world_size
+from detect.datasets.records import DetectionRecord
+from detect.proposals.methods import (
+    ProposalMethod,
+    UnionMethod,
+    init_worker,
+    method_summary,
+    propose_image,
+    union_proposals,
+)
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RERUN = "build it with tools/propose.py"
+
+
+class ProposalCacheError(ValueError):
+    """A cache that cannot be used (stale, incomplete, unreadable) or an image that failed; one line."""
+
+
+def dataset_fingerprint(records: Sequence[DetectionRecord]) -> str:
+    """Hash of every image's id, path, size and mtime: a changed, added or removed image changes it."""
+    digest = hashlib.sha256()
+    for record in records:
+        stat = os.stat(record.file_name)
+        digest.update(f"{record.image_id}\t{record.file_name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_fingerprint(records: Sequence[DetectionRecord], method: ProposalMethod) -> tuple[str, dict]:
+    parts = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "method": method.fingerprint(),
+        "dataset": dataset_fingerprint(records),
+        "num_images": len(records),
+    }
+    text = json.dumps(parts, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest(), parts
+
+
+@dataclass
+class ProposalSet:
+    """Proposals aligned with a record list: ranked boxes (pixel xyxy), scores, seconds per image."""
+
+    image_ids: np.ndarray
+    boxes: list[np.ndarray]
+    scores: list[np.ndarray]
+    seconds: np.ndarray
+
+    def by_image_id(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return {int(i): (b, s) for i, b, s in zip(self.image_ids, self.boxes, self.scores, strict=True)}
+
+
+# ---- shard files ------------------------------------------------------------------------------
+
+
+def shard_path(cache_dir: Path, shard: int) -> Path:
+    return cache_dir / f"shard_{shard:05d}.npz"
+
+
+def write_shard(
+    path: Path, fingerprint: str, image_ids: np.ndarray, results: list[tuple[np.ndarray, np.ndarray, float]]
+) -> None:
+    counts = np.array([len(b) for b, _, _ in results], dtype=np.int64)
+    arrays = {
+        "image_ids": np.asarray(image_ids, dtype=np.int64),
+        "counts": counts,
+        "boxes": np.concatenate([b for b, _, _ in results]).astype(np.float32).reshape(-1, 4),
+        "scores": np.concatenate([s for _, s, _ in results]).astype(np.float32),
+        "seconds": np.array([t for _, _, t in results], dtype=np.float64),
+        "fingerprint": np.array(fingerprint),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_shard(path: Path, fingerprint: str, image_ids: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The shard's arrays if it exists and belongs to this fingerprint and these images, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError) as err:
+        log.warning("%s: unreadable shard (%s), recomputing it", path, err)
+        return None
+    if str(arrays.get("fingerprint")) != fingerprint:
+        return None
+    if not np.array_equal(arrays.get("image_ids"), image_ids):
+        return None
+    return arrays
+
+
+# ---- building ---------------------------------------------------------------------------------
+
+
+def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((cache_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
+    tmp = cache_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, cache_dir / MANIFEST)
+
+
+def _changed_parts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key)) or ["unknown"]
+
+
+def _prepare_directory(cache_dir: Path, fingerprint: str, parts: dict, manifest: dict) -> None:
+    """Rank 0: delete a stale cache (saying why), then record the wanted fingerprint."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    old = _read_manifest(cache_dir)
+    if old is not None and old.get("fingerprint") != fingerprint:
+        changed = _changed_parts(old.get("parts", {}), parts)
+        log.warning("%s: stale proposal cache (changed: %s), rebuilding", cache_dir, ", ".join(changed))
+    if old is None or old.get("fingerprint") != fingerprint:
+        for stale in cache_dir.glob("shard_*.npz"):
+            stale.unlink()
+        _write_manifest(cache_dir, manifest)
+
+
+def _shard_ranges(num_images: int, shard_size: int) -> list[range]:
+    return [range(start, min(start + shard_size, num_images)) for start in range(0, num_images, shard_size)]
+
+
+def build_cache(
+    records: Sequence[DetectionRecord],
+    method: ProposalMethod,
+    cache_dir: str | Path,
+    *,
+    workers: int = 1,
+    shard_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compute (or complete) the cache of ``method`` over ``records`` in ``cache_dir``.
+
+    Returns a summary: ``computed`` / ``reused`` shard counts of this rank. Collective under
+    torchrun: every rank must call it with the same arguments.
+    """
+    cache_dir = Path(cache_dir)
+    fingerprint, parts = cache_fingerprint(records, method)
+    ranges = _shard_ranges(len(records), shard_size)
+    manifest = {
+        "fingerprint": fingerprint,
+        "parts": parts,
+        "method": method_summary(method),
+        "shard_size": shard_size,
+        "num_shards": len(ranges),
+        "complete": False,
+    }
+    rank, world = get_rank(), get_world_size()
+    if rank == 0:
+        _prepare_directory(cache_dir, fingerprint, parts, manifest)
+    barrier()
+    ids = np.array([r.image_id for r in records], dtype=np.int64)
+    mine = [s for s in range(len(ranges)) if s % world == rank]
+    todo = [s for s in mine if read_shard(shard_path(cache_dir, s), fingerprint, ids[ranges[s]]) is None]
+    if len(todo) < len(mine):
+        done = len(mine) - len(todo)
+        log.info("%s: %d of %d shards already done, computing %d", cache_dir, done, len(mine), len(todo))
+    if isinstance(method, UnionMethod):
+        _build_union_shards(records, method, cache_dir, fingerprint, ranges, todo)
+    else:
+        _build_shards(records, method, cache_dir, fingerprint, ranges, todo, workers, progress)
+    barrier()
+    # Every rank checks (and fails) alike, so no rank is left waiting at a barrier.
+    missing = [
+        s for s, r in enumerate(ranges) if read_shard(shard_path(cache_dir, s), fingerprint, ids[r]) is None
+    ]
+    if missing:
+        raise ProposalCacheError(f"{cache_dir}: shards {missing[:5]} missing after the build")
+    if rank == 0:
+        _write_manifest(cache_dir, {**manifest, "complete": True})
+    barrier()
+    return {"computed": len(todo), "reused": len(mine) - len(todo), "fingerprint": fingerprint}
+
+
+def _pool_results(method: ProposalMethod, tasks: list[tuple[int, str]], workers: int) -> Iterator[tuple]:
+    """Results of ``propose_image`` over ``tasks``, in completion order; in-process for 1 worker."""
+    if workers <= 1:
+        init_worker(method, threads=1)
+        yield from map(propose_image, tasks)
+        return
+    # fork: workers start in milliseconds and inherit the imported modules (spawn re-imports
+    # torch and OpenCV in every worker); the parent has run no torch parallel region yet.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with context.Pool(workers, initializer=init_worker, initargs=(method, 1)) as pool:
+        yield from pool.imap_unordered(propose_image, tasks, chunksize=1)
+
+
+def _build_shards(
+    records: Sequence[DetectionRecord],
+    method: ProposalMethod,
+    cache_dir: Path,
+    fingerprint: str,
+    ranges: list[range],
+    todo: list[int],
+    workers: int,
+    progress: bool,
+) -> None:
+    shard_of = {i: s for s in todo for i in ranges[s]}
+    tasks = [(i, records[i].file_name) for s in todo for i in ranges[s]]
+    pending: dict[int, dict[int, tuple]] = {s: {} for s in todo}
+    done_images = sum(len(r) for r in ranges) - len(tasks)
+    bar = tqdm(
+        total=sum(len(r) for r in ranges),
+        initial=done_images,
+        desc=f"proposals {cache_dir.name}",
+        unit="img",
+        disable=not progress or get_rank() != 0,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    with bar:
+        for index, boxes, scores, seconds, error in _pool_results(method, tasks, workers):
+            if error:
+                raise ProposalCacheError(error)
+            shard = shard_of[index]
+            pending[shard][index] = (boxes, scores, seconds)
+            bar.update(1)
+            if len(pending[shard]) == len(ranges[shard]):
+                results = [pending[shard][i] for i in ranges[shard]]
+                ids = np.array([records[i].image_id for i in ranges[shard]], dtype=np.int64)
+                write_shard(shard_path(cache_dir, shard), fingerprint, ids, results)
+                del pending[shard]
+
+
+def _build_union_shards(
+    records: Sequence[DetectionRecord],
+    method: UnionMethod,
+    cache_dir: Path,
+    fingerprint: str,
+    ranges: list[range],
+    todo: list[int],
+) -> None:
+    """The union is cheap (one NMS per image): computed in-process from the component caches."""
+    components = [load_cache(records, component, directory) for directory, component in method.components]
+    for shard in todo:
+        results = []
+        for i in ranges[shard]:
+            parts = [(c.boxes[i], c.scores[i]) for c in components]
+            boxes, scores = union_proposals(parts, method.dedup_iou)
+            results.append((boxes, scores, float(sum(c.seconds[i] for c in components))))
+        ids = np.array([records[i].image_id for i in ranges[shard]], dtype=np.int64)
+        write_shard(shard_path(cache_dir, shard), fingerprint, ids, results)
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def load_cache(
+    records: Sequence[DetectionRecord], method: ProposalMethod, cache_dir: str | Path
+) -> ProposalSet:
+    """Read a complete cache of ``method`` over ``records``; ProposalCacheError if it is missing,
+    incomplete or stale (it is never returned silently out of date)."""
+    cache_dir = Path(cache_dir)
+    fingerprint, parts = cache_fingerprint(records, method)
+    manifest = _read_manifest(cache_dir)
+    if manifest is None:
+        raise ProposalCacheError(f"{cache_dir}: no proposal cache here; {RERUN}")
+    if manifest.get("fingerprint") != fingerprint:
+        changed = ", ".join(_changed_parts(manifest.get("parts", {}), parts))
+        raise ProposalCacheError(f"{cache_dir}: stale proposal cache (changed: {changed}); {RERUN}")
+    if not manifest.get("complete"):
+        raise ProposalCacheError(f"{cache_dir}: proposal cache incomplete (interrupted?); {RERUN}")
+    boxes: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    seconds: list[np.ndarray] = []
+    ids = np.array([r.image_id for r in records], dtype=np.int64)
+    for shard, indices in enumerate(_shard_ranges(len(records), manifest["shard_size"])):
+        arrays = read_shard(shard_path(cache_dir, shard), fingerprint, ids[indices])
+        if arrays is None:
+            raise ProposalCacheError(f"{shard_path(cache_dir, shard)}: missing or foreign shard; {RERUN}")
+        offsets = np.concatenate([[0], np.cumsum(arrays["counts"])])
+        boxes += [arrays["boxes"][a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        scores += [arrays["scores"][a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        seconds.append(arrays["seconds"])
+    return ProposalSet(ids, boxes, scores, np.concatenate(seconds) if seconds else np.zeros(0))

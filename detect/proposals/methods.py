@@ -1,0 +1,146 @@
+"""The proposal methods a cache can hold, each with the fingerprint of everything it depends on.
+
+- :class:`SelectiveSearchMethod`: OpenCV selective search with given settings.
+- :class:`MultiBoxMethod`: the top ``top_k`` boxes of a trained MultiBox model file.
+- :class:`UnionMethod`: the union of other methods' cached proposals in priority order
+  (the paper's entry: MultiBox's 200 boxes, then selective search), near-duplicates removed.
+
+Per-image extraction runs in worker processes: :func:`init_worker` builds the method's state once
+per process (the MultiBox model) and :func:`propose_image` handles one image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from backbone.image_io import ImageDecodeError, read_image_rgb
+from detect.boxes import nms
+from detect.proposals.selective_search import SelectiveSearchSettings, selective_search
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SelectiveSearchMethod:
+    settings: SelectiveSearchSettings
+    kind: str = "selective_search"
+
+    def fingerprint(self) -> dict[str, Any]:
+        # OpenCV's version is part of it: another build may segment or rank differently.
+        return {"kind": self.kind, "settings": self.settings.as_dict(), "opencv": cv2.__version__}
+
+
+@dataclass(frozen=True)
+class MultiBoxMethod:
+    checkpoint: str
+    top_k: int = 200
+    kind: str = "multibox"
+
+    def fingerprint(self) -> dict[str, Any]:
+        if not Path(self.checkpoint).is_file():
+            raise FileNotFoundError(f"{self.checkpoint}: MultiBox model file not found")
+        # The file's content, not its name: retraining into the same path must invalidate caches.
+        return {"kind": self.kind, "checkpoint_sha256": file_sha256(self.checkpoint), "top_k": self.top_k}
+
+
+@dataclass(frozen=True)
+class UnionMethod:
+    """``components``: (cache directory, method) pairs, highest priority first."""
+
+    components: tuple[tuple[str, SelectiveSearchMethod | MultiBoxMethod], ...]
+    dedup_iou: float = 0.8
+    kind: str = "union"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "dedup_iou": self.dedup_iou,
+            "components": [method.fingerprint() for _, method in self.components],
+        }
+
+
+ProposalMethod = SelectiveSearchMethod | MultiBoxMethod | UnionMethod
+
+
+def union_proposals(
+    parts: list[tuple[np.ndarray, np.ndarray]], dedup_iou: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate ranked ``(boxes, scores)`` parts in priority order and drop every box whose IoU
+    with an earlier kept box is >= ``dedup_iou`` (greedy, so earlier parts win)."""
+    boxes = np.concatenate([b for b, _ in parts]).astype(np.float32).reshape(-1, 4)
+    scores = np.concatenate([s for _, s in parts]).astype(np.float32)
+    if len(boxes) == 0:
+        return boxes, scores
+    # NMS with scores falling along the priority order is exactly that greedy pass.
+    priority = torch.arange(len(boxes), 0, -1, dtype=torch.float32)
+    keep = np.sort(nms(torch.from_numpy(boxes), priority, dedup_iou).numpy())
+    return boxes[keep], scores[keep]
+
+
+# ---- worker side ------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def init_worker(method: SelectiveSearchMethod | MultiBoxMethod, threads: int = 1) -> None:
+    """Per-process setup: one thread per worker (the pool provides the parallelism)."""
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    _WORKER.clear()
+    _WORKER["method"] = method
+    if isinstance(method, MultiBoxMethod):
+        from detect.proposals.multibox import load_multibox
+
+        model, arch, _ = load_multibox(method.checkpoint)
+        _WORKER["model"] = model.to(memory_format=torch.channels_last)
+        _WORKER["image_size"] = arch.image_size
+
+
+def propose_image(task: tuple[int, str]) -> tuple[int, np.ndarray, np.ndarray, float, str]:
+    """``(index, file_name)`` -> ``(index, boxes, scores, seconds, error)``; ``error`` is "" or the
+    one-line reason the image could not be processed (the caller decides how to report it)."""
+    index, file_name = task
+    method = _WORKER["method"]
+    start = time.perf_counter()
+    try:
+        image = read_image_rgb(file_name)
+    except ImageDecodeError as err:
+        return index, np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.0, str(err)
+    if isinstance(method, SelectiveSearchMethod):
+        boxes = selective_search(image, method.settings)
+        # Selective search has no score; its rank order is kept as a score falling from 1.
+        scores = (np.arange(len(boxes), 0, -1) / max(len(boxes), 1)).astype(np.float32)
+    else:
+        from detect.proposals.multibox import multibox_proposals
+
+        boxes, scores = multibox_proposals(_WORKER["model"], image, _WORKER["image_size"], method.top_k)
+    return index, boxes, scores, time.perf_counter() - start, ""
+
+
+def default_workers() -> int:
+    """Cores per torchrun process on this node (all cores when not under torchrun)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 1) // max(local_world, 1))
+
+
+def method_summary(method: ProposalMethod) -> dict[str, Any]:
+    """Human-readable description for manifests and logs (no file hashing)."""
+    if isinstance(method, UnionMethod):
+        components = [directory for directory, _ in method.components]
+        return {"kind": method.kind, "dedup_iou": method.dedup_iou, "components": components}
+    return asdict(method)
