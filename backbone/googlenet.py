@@ -199,7 +199,9 @@ class GoogLeNet(nn.Module):
         self.maxpool2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)  # N x 192 x 28 x 28
 
         def inception(name: str, in_channels: int) -> Inception:
-            return Inception(in_channels, *INCEPTION_CHANNELS[name], batch_norm=bn, five_by_five=spec.five_by_five)
+            return Inception(
+                in_channels, *INCEPTION_CHANNELS[name], batch_norm=bn, five_by_five=spec.five_by_five
+            )
 
         self.inception3a = inception("inception3a", 192)  # N x 256 x 28 x 28
         self.inception3b = inception("inception3b", 256)  # N x 480 x 28 x 28
@@ -266,10 +268,13 @@ class GoogLeNet(nn.Module):
     def _transform_input(self, x: Tensor) -> Tensor:
         if not self.transform_input:
             return x
-        # Maps ImageNet mean/std normalised input to the (x - 0.5) / 0.5 that torchvision's weights expect.
-        mean = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = x.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        return x * (std / 0.5) + (mean - 0.5) / 0.5
+        # Maps ImageNet mean/std normalised input to the (x - 0.5) / 0.5 that torchvision's weights
+        # expect; per-channel Python-float arithmetic, as torchvision does it, for identical rounding.
+        channels = [
+            x[:, c : c + 1] * (std / 0.5) + (mean - 0.5) / 0.5
+            for c, (mean, std) in enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), strict=True))
+        ]
+        return torch.cat(channels, dim=1)
 
     def forward_features(self, x: Tensor, stage: str = "inception5b") -> Tensor:
         """Run the network up to and including ``stage`` (a name from ``stage_names()``)."""

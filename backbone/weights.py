@@ -101,7 +101,9 @@ def load_state(model: GoogLeNet, path: str | Path, strict: bool = True) -> dict[
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("aux1.", "aux2."))}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if strict and (missing or unexpected):
-        raise WeightsError(f"{path}: does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise WeightsError(
+            f"{path}: does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return dict(blob.get("meta", {})) if "model" in blob else {}
 
 
@@ -142,14 +144,18 @@ def load_torchvision_weights(
         try:
             state_dict = GoogLeNet_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
         except Exception as err:
-            raise WeightsError(f"torchvision ImageNet weights: download failed ({err}); {TORCHVISION_WEIGHTS_HINT}")
+            raise WeightsError(
+                f"torchvision ImageNet weights: download failed ({err}); {TORCHVISION_WEIGHTS_HINT}"
+            ) from err
     else:
         state_dict = read_weights_file(path)
     model = GoogLeNet("torchvision", num_classes=1000, aux_logits=aux_logits, transform_input=True)
     check_fits(model, state_dict, str(path or "torchvision"))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected or any(not k.startswith(("aux1.", "aux2.")) for k in missing):
-        raise WeightsError(f"{path}: not torchvision GoogLeNet weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise WeightsError(
+            f"{path}: not torchvision GoogLeNet weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if num_classes is not None and num_classes != 1000:
         model.reset_classifier(num_classes)
     return model

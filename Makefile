@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+# Each creates .venv and installs the project into it when missing (or when pyproject.toml changed).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test lint install clean-venv
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e '.[dev]'
+	# albumentations pulls opencv-python-headless, which shares the cv2 folder with the contrib
+	# build that holds selective search; whichever is written last wins. Remove the plain build and
+	# rewrite the contrib one so cv2.ximgproc exists.
+	$(PY) -m pip uninstall -y opencv-python-headless opencv-python
+	$(PY) -m pip install --force-reinstall --no-deps \
+		"opencv-contrib-python-headless==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opencv-contrib-python-headless"))')"
+	$(PY) -c "import cv2; cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()"
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(PY) tools/train_cls.py
+
+lint: $(INSTALLED)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)
