@@ -1,0 +1,119 @@
+"""Multi-crop, multi-model classification evaluation (the paper's section 7 test protocol).
+
+``predict_multi_crop`` runs one model over a loader of ``(crops (B, N, S, S, 3) uint8, labels)``
+batches (``backbone.transforms.MultiCropTransform``) and returns the softmax averaged over each
+image's N crops. Ensembles average these per-model probabilities (``tools/eval_cls.py``).
+``classification_report`` turns probabilities into top-1/top-5 error, per-class accuracy and a
+confusion matrix; ``save_confusion_png`` draws the latter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from backbone.transforms import normalize_crops
+
+
+@torch.inference_mode()
+def predict_multi_crop(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    max_crops_per_forward: int = 256,
+    progress=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities (M, C) float64, labels (M,) int64)``: softmax averaged over each image's crops.
+
+    Crops go through the model in chunks of at most ``max_crops_per_forward`` (bounded memory for
+    144 crops), normalised and in channels_last layout. ``model`` must return logits or an object
+    with a ``logits`` attribute (``GoogLeNetOutputs``); it is put in eval mode.
+    """
+    model.eval()
+    all_probs, all_labels = [], []
+    for crops, labels in batches:
+        if crops.ndim == 4:  # a single crop per image: (B, S, S, 3)
+            crops = crops.unsqueeze(1)
+        num_images, num_crops = crops.shape[:2]
+        flat = crops.reshape(num_images * num_crops, *crops.shape[2:])
+        chunks = []
+        for start in range(0, flat.shape[0], max_crops_per_forward):
+            out = model(normalize_crops(flat[start : start + max_crops_per_forward]))
+            logits = out.logits if hasattr(out, "logits") else out
+            chunks.append(torch.softmax(logits.float(), dim=1))
+        probs = torch.cat(chunks).reshape(num_images, num_crops, -1).mean(dim=1)
+        all_probs.append(probs.double().numpy())
+        all_labels.append(np.asarray(labels, np.int64))
+        if progress is not None:
+            progress.update(num_images)
+    return np.concatenate(all_probs), np.concatenate(all_labels)
+
+
+def classification_report(
+    probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Top-1 / top-5 error in percent (top-k, k = min(5, C), for fewer classes), per-class accuracy
+    and the confusion matrix (rows: true class, columns: predicted)."""
+    num_classes = len(class_names)
+    if probs.shape != (len(labels), num_classes):
+        raise ValueError(
+            f"probabilities of shape {probs.shape} for {len(labels)} labels and {num_classes} classes"
+        )
+    k = min(5, num_classes)
+    # A stable sort on -p ranks ties by class index, so results do not depend on the platform.
+    ranked = np.argsort(-probs, axis=1, kind="stable")
+    top1 = ranked[:, 0] == labels
+    topk = (ranked[:, :k] == labels[:, None]).any(axis=1)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels, ranked[:, 0]), 1)
+    support = confusion.sum(axis=1)
+    per_class = {
+        name: (float(confusion[c, c] / support[c] * 100.0) if support[c] else None)
+        for c, name in enumerate(class_names)
+    }
+    return {
+        "num_images": int(len(labels)),
+        "top1_error": float(100.0 - top1.mean() * 100.0),
+        "top5_error": float(100.0 - topk.mean() * 100.0),
+        "top5_k": k,  # fewer than 5 classes: top-k over all of them (error 0)
+        "top1_accuracy": float(top1.mean() * 100.0),
+        "per_class_accuracy": per_class,
+        "per_class_support": {name: int(support[c]) for c, name in enumerate(class_names)},
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def save_confusion_png(
+    confusion: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = ""
+) -> None:
+    """Row-normalised confusion matrix (true class per row); counts are written in cells when few."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(confusion, np.float64)
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    num_classes = len(class_names)
+    side = min(4 + 0.45 * num_classes, 40)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if num_classes <= 40:
+        ax.set_xticks(range(num_classes), class_names, rotation=90)
+        ax.set_yticks(range(num_classes), class_names)
+    if num_classes <= 20:
+        for (row, col), count in np.ndenumerate(confusion.astype(np.int64)):
+            colour = "white" if rates[row, col] > 0.5 else "black"
+            ax.text(col, row, str(count), ha="center", va="center", color=colour, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
