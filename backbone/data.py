@@ -8,6 +8,7 @@ API (what ``tools/train_cls.py`` and ``tools/eval_cls.py`` call)::
         split="auto",            # "auto" | "folders" | "stratified" (see below)
         val_fraction=0.2,        # held-out share per class when the split is derived
         seed=0,                  # split seed (and synthetic data seed)
+        augment_seed=None,       # seed of the per-sample augmentation draws (default: seed)
         strict=False,            # True: the first undecodable file raises CorruptImageError (one line)
         cache=False,             # True: decode every image once, shorter side ~1.15 x image_size, in RAM
         dedupe=True,             # byte-identical files: drop those under two labels, keep one copy otherwise
@@ -16,7 +17,7 @@ API (what ``tools/train_cls.py`` and ``tools/eval_cls.py`` call)::
         train_transform=None, val_transform=None,   # defaults: backbone.transforms train/eval pipelines
     )
     image, label = train_ds[i]   # float32 (3, S, S) tensor normalised with ImageNet mean/std, int
-    train_ds.set_epoch(epoch)    # augmentation is a pure function of (seed, epoch, index)
+    train_ds.set_epoch(epoch)    # augmentation is a pure function of (augment_seed, epoch, index)
 
 Layouts under ``root``:
 
@@ -72,7 +73,7 @@ MAX_REPLACEMENT_TRIES = 20
 class ImageClassificationDataset(Dataset):
     """``(path, label)`` samples decoded on access (or served from a ``DecodedImageCache``).
 
-    ``transform(image, sample_seed=(seed, epoch, index))`` follows ``backbone.transforms``; with
+    ``transform(image, sample_seed=(augment_seed, epoch, index))`` follows ``backbone.transforms``; with
     ``transform=None`` the uint8 RGB image is returned.
     """
 
@@ -83,7 +84,7 @@ class ImageClassificationDataset(Dataset):
         transform: Callable | None = None,
         strict: bool = False,
         cache: DecodedImageCache | None = None,
-        seed: int = 0,
+        augment_seed: int = 0,
     ) -> None:
         if not samples:
             raise DataSetError("data set has no samples")
@@ -94,7 +95,7 @@ class ImageClassificationDataset(Dataset):
         self.transform = transform
         self.strict = strict
         self.cache = cache
-        self.seed = seed
+        self.augment_seed = augment_seed
         self.epoch = 0
         self.skipped: dict[str, str] = {}  # path -> problem, in this process
 
@@ -138,7 +139,7 @@ class ImageClassificationDataset(Dataset):
     def __getitem__(self, index: int):
         image, label = self._load_or_replace(index)
         if self.transform is not None:
-            image = self.transform(image, sample_seed=(self.seed, self.epoch, index))
+            image = self.transform(image, sample_seed=(self.augment_seed, self.epoch, index))
         return image, label
 
 
@@ -173,12 +174,18 @@ def _val_samples(
 
 
 def _synthetic_datasets(
-    image_size: int, seed: int, train_size: int, val_size: int, train_tf: Callable, val_tf: Callable
+    image_size: int,
+    seed: int,
+    augment_seed: int,
+    train_size: int,
+    val_size: int,
+    train_tf: Callable,
+    val_tf: Callable,
 ) -> tuple[Dataset, Dataset, list[str]]:
     render_size = int(round(image_size * CACHE_SHORTER_SIDE_FACTOR))
-    train = SyntheticShapesDataset(train_size, render_size, seed, index_offset=0, transform=train_tf)
+    train = SyntheticShapesDataset(train_size, render_size, seed, 0, train_tf, augment_seed)
     # Validation indices follow the training ones: same distribution, no shared sample.
-    val = SyntheticShapesDataset(val_size, render_size, seed, index_offset=train_size, transform=val_tf)
+    val = SyntheticShapesDataset(val_size, render_size, seed, train_size, val_tf, augment_seed)
     return train, val, list(SyntheticShapesDataset.class_names)
 
 
@@ -188,6 +195,7 @@ def build_classification_datasets(
     split: str = "auto",
     val_fraction: float = 0.2,
     seed: int = 0,
+    augment_seed: int | None = None,
     strict: bool = False,
     cache: bool = False,
     dedupe: bool = True,
@@ -199,11 +207,12 @@ def build_classification_datasets(
     cache_threads: int | None = None,
 ) -> tuple[Dataset, Dataset, list[str]]:
     """``(train_ds, val_ds, class_names)`` for ``root`` (see the module docstring)."""
+    augment = seed if augment_seed is None else augment_seed
     train_tf = train_transform or _default_train_transform(image_size, synthetic=root is None)
     val_tf = val_transform or make_eval_transform(image_size)
     if root is None:
         return _synthetic_datasets(
-            image_size, seed, synthetic_train_size, synthetic_val_size, train_tf, val_tf
+            image_size, seed, augment, synthetic_train_size, synthetic_val_size, train_tf, val_tf
         )
     root = Path(root)
     if not root.is_dir():
@@ -241,7 +250,7 @@ def build_classification_datasets(
             )
             samples = [samples[i] for i in image_cache.kept_indices]
         datasets.append(
-            ImageClassificationDataset(samples, class_names, transform, strict, image_cache, seed)
+            ImageClassificationDataset(samples, class_names, transform, strict, image_cache, augment)
         )
     return datasets[0], datasets[1], class_names
 

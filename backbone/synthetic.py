@@ -305,14 +305,21 @@ class SyntheticShapesDataset(Dataset):
     Sample ``i`` is ``render_object_image(index_offset + i, render_size, seed)``; disjoint index
     ranges (``index_offset``) give disjoint train and validation sets. ``transform`` is called as
     ``transform(image, sample_seed)`` (see ``backbone.transforms.ImageTransform``) so augmentation
-    is a pure function of ``(seed, epoch, index)``; ``set_epoch`` changes it between epochs.
+    is a pure function of ``(augment_seed, epoch, index)`` (``augment_seed`` defaults to ``seed``);
+    ``set_epoch`` changes it between epochs.
     Returns ``(transform(image) or the uint8 image, label)``.
     """
 
     class_names: list[str] = list(SHAPE_CLASSES)
 
     def __init__(
-        self, length: int, render_size: int = 144, seed: int = 0, index_offset: int = 0, transform=None
+        self,
+        length: int,
+        render_size: int = 144,
+        seed: int = 0,
+        index_offset: int = 0,
+        transform=None,
+        augment_seed: int | None = None,
     ):
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
@@ -321,6 +328,7 @@ class SyntheticShapesDataset(Dataset):
         self.seed = seed
         self.index_offset = index_offset
         self.transform = transform
+        self.augment_seed = seed if augment_seed is None else augment_seed
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -342,5 +350,7 @@ class SyntheticShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for {self.length} samples")
         image, label = render_object_image(self.index_offset + index, self.render_size, self.seed)
         if self.transform is not None:
-            image = self.transform(image, sample_seed=(self.seed, self.epoch, self.index_offset + index))
+            image = self.transform(
+                image, sample_seed=(self.augment_seed, self.epoch, self.index_offset + index)
+            )
         return image, label

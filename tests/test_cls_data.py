@@ -132,6 +132,8 @@ def test_class_folder_split_and_transforms(tmp_path):
     train.set_epoch(1)
     assert not torch.equal(train[0][0], image)  # augmentation changes with the epoch
     assert torch.equal(val[0][0], val[0][0])
+    other, _, _ = build_classification_datasets(tmp_path, 32, val_fraction=0.2, seed=5, augment_seed=6)
+    assert other.samples == train.samples and not torch.equal(other[0][0], image)  # same split, new draws
     with pytest.raises(DataSetError, match="train/ and val/"):
         build_classification_datasets(tmp_path, 32, split="folders")
     with pytest.raises(DataSetError, match="not found"):
