@@ -19,6 +19,7 @@ from backbone.synthetic import (
     render_scene,
     render_scene_layout,
 )
+from detect.datasets.coco import read_coco
 from detect.datasets.synthetic import (
     annotation_path,
     build_synthetic_detection_dataset,
@@ -138,6 +139,11 @@ def test_detection_split_written_as_coco_and_reused(tmp_path):
         np.testing.assert_allclose(
             [a["bbox"] for a in anns], np.c_[boxes[:, :2], boxes[:, 2:] - boxes[:, :2]]
         )
+    theirs, _ = read_coco(json_path)  # the project's COCO reader finds the images by itself
+    assert [r.file_name for r in theirs.records] == [r.file_name for r in dataset.records]
+    np.testing.assert_allclose(
+        np.concatenate([r.boxes for r in theirs.records]), np.concatenate([r.boxes for r in dataset.records])
+    )
     first = json_path.stat().st_mtime_ns
     write_synthetic_detection_split(tmp_path, "val", num_images=4, image_size=64, seed=3, image_format="png")
     assert json_path.stat().st_mtime_ns == first  # same parameters: reused

@@ -114,7 +114,9 @@ def write_synthetic_detection_split(
     categories = [
         {"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPE_CLASSES)
     ]
-    coco = {"info": {"description": "synthetic shape scenes", **params}, "images": coco_images}
+    # image_root lets any COCO reader (detect.datasets.coco.read_coco) find the images unaided.
+    info = {"description": "synthetic shape scenes", "image_root": str(images_dir.resolve()), **params}
+    coco = {"info": info, "images": coco_images}
     coco.update(annotations=annotations, categories=categories)
     tmp = json_path.with_name(json_path.name + ".tmp")
     tmp.write_text(json.dumps(coco))
