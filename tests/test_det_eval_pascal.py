@@ -216,7 +216,9 @@ def test_chunked_pair_building_is_exact() -> None:
     keys_gt = gt.labels * 1000 + gt.box_image_ids
     order = np.argsort(keys_gt, kind="stable")
     keys_det = dets.labels * 1000 + dets.image_ids
-    args = (keys_det, dets.boxes, keys_gt[order], gt.boxes[order], np.full(len(order), 0.3))
+    start = np.searchsorted(keys_gt[order], keys_det, side="left")
+    count = np.searchsorted(keys_gt[order], keys_det, side="right") - start
+    args = (start, count, dets.boxes, gt.boxes[order], np.full(len(order), 0.3))
     whole = qualifying_pairs(*args)
     tiny = qualifying_pairs(*args, chunk=7)
     assert len(whole[0]) > 100

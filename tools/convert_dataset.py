@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from backbone.runtime import run_tool, setup_logging
 from detect.datasets import open_detection_dataset, write_coco_json
@@ -63,4 +64,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_tool(main, get_args_parser().parse_args())
+    sys.exit(run_tool(main, get_args_parser().parse_args()))

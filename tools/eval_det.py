@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,4 +91,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_tool(main, get_args_parser().parse_args())
+    sys.exit(run_tool(main, get_args_parser().parse_args()))

@@ -53,24 +53,22 @@ def ilsvrc_thresholds(
 
 
 def qualifying_pairs(
-    det_keys: np.ndarray,
+    start: np.ndarray,
+    count: np.ndarray,
     det_boxes: np.ndarray,
-    gt_keys: np.ndarray,
     gt_boxes: np.ndarray,
     gt_thresholds: np.ndarray,
     chunk: int = PAIR_CHUNK,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(det index, gt index, IoU)`` of every same-key pair with IoU >= the object's threshold.
+    """``(det index, gt index, IoU)`` of every candidate pair with IoU >= the object's threshold.
 
-    ``gt_keys`` must be sorted (stable, so objects of one image keep their annotation order);
-    ``key = label * num_images + image index`` groups one class in one image.
+    Detection ``i``'s candidates are the objects ``start[i] : start[i] + count[i]`` (the objects of
+    its image and class, contiguous in ``gt_boxes``).
     """
-    start = np.searchsorted(gt_keys, det_keys, side="left")
-    count = np.searchsorted(gt_keys, det_keys, side="right") - start
     ends = np.cumsum(count)
     out_det, out_gt, out_iou = [], [], []
     first = 0
-    while first < len(det_keys):
+    while first < len(count):
         done = ends[first - 1] if first else 0
         last = max(int(np.searchsorted(ends, done + chunk, side="right")), first + 1)
         counts = count[first:last]

@@ -31,41 +31,81 @@ from detect.evaluation.result import DetectionEvalResult, nan_mean
 PASCAL_METRICS = ("voc07", "voc", "ilsvrc")
 
 
-def _group_keys(image_ids: np.ndarray, labels: np.ndarray, all_images: np.ndarray) -> np.ndarray:
-    position = np.searchsorted(all_images, image_ids)
-    return labels.astype(np.int64) * len(all_images) + position
+DENSE_TABLE_LIMIT = 1 << 25  # (class, image) groups up to this many: O(1) lookup tables (<= 256 MB)
 
 
-def match_detections(
-    gt: GroundTruthArrays, dets: DetectionArrays, rule: str, iou_threshold: float = 0.5
-) -> tuple[DetectionArrays, np.ndarray]:
-    """Rank ``dets`` and match them; returns ``(ranked detections, status per detection)``."""
+def _image_positions(image_ids: np.ndarray, all_images: np.ndarray) -> np.ndarray:
+    """Index of each id in the sorted ``all_images``; -1 where absent."""
+    if len(all_images) == 0:
+        return np.full(len(image_ids), -1, np.int64)
+    low, high = int(all_images[0]), int(all_images[-1])
+    if high - low < 4 * len(all_images) + 1024:  # dense ids: a lookup table beats binary search
+        table = np.full(high - low + 1, -1, np.int64)
+        table[all_images - low] = np.arange(len(all_images))
+        inside = (image_ids >= low) & (image_ids <= high)
+        positions = np.full(len(image_ids), -1, np.int64)
+        positions[inside] = table[image_ids[inside] - low]
+        return positions
+    positions = np.minimum(np.searchsorted(all_images, image_ids), len(all_images) - 1)
+    return np.where(all_images[positions] == image_ids, positions, -1)
+
+
+def _rank(dets: DetectionArrays, positions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Indices ordering ``dets`` by class, then descending score, then image, then input order."""
+    order = np.arange(len(dets))
+    if len(dets) > 1 and (positions[1:] < positions[:-1]).any():  # skip the sort when already by image
+        order = np.argsort(positions, kind="stable")
+    order = order[np.argsort(-dets.scores[order], kind="stable")]
+    small = dets.labels[order].astype(np.int16 if num_classes < 2**15 else np.int64)  # int16: radix sort
+    return order[np.argsort(small, kind="stable")]
+
+
+def _match(
+    gt: GroundTruthArrays, dets: DetectionArrays, rule: str, iou_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(ranking, status)``: detection indices in rank order and TP/FP/IGNORED per ranked detection."""
     if rule not in ("voc", "ilsvrc"):
         raise ValueError(f"matching rule must be 'voc' or 'ilsvrc', got {rule!r}")
-    known = np.isin(dets.image_ids, gt.image_ids)
-    if not known.all():
-        missing = int(dets.image_ids[~known][0])
+    positions = _image_positions(dets.image_ids, gt.image_ids)
+    if (positions < 0).any():
+        missing = int(dets.image_ids[positions < 0][0])
         raise ValueError(f"detections refer to image id {missing}, which is not in the ground truth")
-    dets = dets.sorted_by_image()
-    by_score = np.argsort(-dets.scores, kind="stable")
-    ranked = dets.take(by_score[np.argsort(dets.labels[by_score], kind="stable")])
-    gt_keys = _group_keys(gt.box_image_ids, gt.labels, gt.image_ids)
+    ranking = _rank(dets, positions, gt.num_classes)
+    num_images = len(gt.image_ids)
+    # One group per (class, image): objects of a group are contiguous after a stable sort by key.
+    gt_keys = gt.labels * num_images + _image_positions(gt.box_image_ids, gt.image_ids)
+    det_keys = dets.labels[ranking] * num_images + positions[ranking]
     gt_order = np.argsort(gt_keys, kind="stable")
+    if gt.num_classes * num_images <= DENSE_TABLE_LIMIT:
+        counts_table = np.bincount(gt_keys, minlength=gt.num_classes * num_images)
+        count = counts_table[det_keys]
+        start = (np.cumsum(counts_table) - counts_table)[det_keys]
+    else:
+        sorted_keys = gt_keys[gt_order]
+        start = np.searchsorted(sorted_keys, det_keys, side="left")
+        count = np.searchsorted(sorted_keys, det_keys, side="right") - start
     gt_boxes = gt.boxes[gt_order]
     if rule == "voc":
         thresholds = np.full(len(gt_order), iou_threshold)
     else:
         thresholds = ilsvrc_thresholds(gt_boxes, default=iou_threshold)
+    # Only detections sharing an image and class with some object need their boxes gathered.
+    candidates = np.flatnonzero(count)
     pair_det, pair_gt, pair_iou = qualifying_pairs(
-        _group_keys(ranked.image_ids, ranked.labels, gt.image_ids),
-        ranked.boxes,
-        gt_keys[gt_order],
-        gt_boxes,
-        thresholds,
+        start[candidates], count[candidates], dets.boxes[ranking[candidates]], gt_boxes, thresholds
     )
     match = match_voc if rule == "voc" else match_ilsvrc
-    status = match(len(ranked), pair_det, pair_gt, pair_iou, gt.difficult[gt_order])
-    return ranked, status
+    status = match(len(ranking), candidates[pair_det], pair_gt, pair_iou, gt.difficult[gt_order])
+    return ranking, status
+
+
+def match_detections(
+    gt: GroundTruthArrays, dets: DetectionArrays, rule: str, iou_threshold: float = 0.5
+) -> tuple[DetectionArrays, np.ndarray]:
+    """Rank ``dets`` and match them (``rule``: ``voc`` or ``ilsvrc``); returns
+    ``(ranked detections, status per ranked detection: 1 TP, 0 FP, -1 ignored)``."""
+    ranking, status = _match(gt, dets, rule, iou_threshold)
+    return dets.take(ranking), status
 
 
 def evaluate_pascal(
@@ -74,10 +114,10 @@ def evaluate_pascal(
     """Per-class AP and mAP under ``voc07`` (11-point), ``voc`` (all-point) or ``ilsvrc``."""
     if metric not in PASCAL_METRICS:
         raise ValueError(f"metric must be one of {PASCAL_METRICS}, got {metric!r}")
-    ranked, status = match_detections(gt, dets, "ilsvrc" if metric == "ilsvrc" else "voc", iou_threshold)
+    ranking, status = _match(gt, dets, "ilsvrc" if metric == "ilsvrc" else "voc", iou_threshold)
     num_classes = gt.num_classes
     num_positives = np.bincount(gt.labels[~gt.difficult], minlength=num_classes)
-    bounds = np.searchsorted(ranked.labels, np.arange(num_classes + 1))
+    bounds = np.searchsorted(dets.labels[ranking], np.arange(num_classes + 1))
     integrate = average_precision_11_point if metric == "voc07" else average_precision_all_point
     aps, curves = [], []
     for c in range(num_classes):  # a loop over classes only: each step is vectorised
