@@ -146,7 +146,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     batch_size = args.batch_size or max(1, 256 // args.crops)
     logger.info("%d images, %d crops each, %d checkpoint(s)", len(dataset), args.crops, len(models))
 
-    model_probs = []
+    total, model_probs = None, []  # per-model probabilities are kept only to be saved
     per_model = []
     start = time.perf_counter()
     for path, model, meta in models:
@@ -175,8 +175,10 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
         logger.info(
             "%s: top-1 error %.2f%% (%.1f images/s)", path, report["top1_error"], len(dataset) / seconds
         )
-        model_probs.append(probs)
-    probs = np.mean(model_probs, axis=0)
+        total = probs if total is None else total + probs
+        if args.save_probs:
+            model_probs.append(probs.astype(np.float32))
+    probs = total / len(models)
     report = classification_report(probs, labels, class_names)
     result = {
         "crops": args.crops,
@@ -189,7 +191,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_cls.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if args.save_probs:
-        arrays = {f"model_{i}": p.astype(np.float32) for i, p in enumerate(model_probs)}
+        arrays = {f"model_{i}": p for i, p in enumerate(model_probs)}
         np.savez_compressed(out / "probs.npz", labels=labels, ensemble=probs.astype(np.float32), **arrays)
     title = f"{len(models)} model(s), {args.crops} crop(s): top-1 error {report['top1_error']:.2f}%"
     save_confusion_png(np.asarray(report["confusion_matrix"]), class_names, out / "confusion.png", title)
