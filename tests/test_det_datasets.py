@@ -77,6 +77,7 @@ def dirty_folder(tmp_path: Path) -> Path:
     write(folder / "d.xml", voc_xml([("cat", 2, 3, 40, 30)], None))
     save_image(folder / "e.png", 20, 20, "P", "PNG")
     write(folder / "e.xml", voc_xml([("dog", 1, 1, 20, 20)], (20, 20)))
+    save_image(folder / "orphan.JPG", 8, 8)  # no XML: not loaded, but reported
     return folder
 
 
@@ -107,6 +108,7 @@ def test_folder_repairs_and_reports(dirty_folder: Path) -> None:
         "image_without_objects": 1,
         "content_not_extension": 1,
         "content_not_rgb": 4,
+        "image_without_annotation_ignored": 1,
     }
     assert report.files("box_inverted_dropped") == [str(dirty_folder / "a.xml")]
     assert report.files("content_not_extension") == [str(dirty_folder / "b.jpg")]
@@ -313,6 +315,11 @@ def test_coco_reader_and_round_trip(tmp_path: Path) -> None:
         (lambda d: "{not json", "malformed JSON"),
         (lambda d: [], "top level is not an object"),
         (lambda d: {**d, "images": None}, "'images' missing or not a list"),
+        (lambda d: {**d, "images": d["images"] + d["images"][:1]}, "image ids must be unique integers"),
+        (
+            lambda d: {**d, "images": [{**d["images"][0], "width": "wide"}]},
+            r"images\[0\].width is not a number",
+        ),
         (lambda d: {**d, "categories": [{"id": 1}]}, r"categories\[0\] lacks one of id, name"),
         (lambda d: {**d, "annotations": [{**d["annotations"][0], "bbox": [1, 2]}]}, "bbox is not 4 numbers"),
         (lambda d: {**d, "annotations": [{**d["annotations"][0], "image_id": 77}]}, "unknown image id 77"),

@@ -59,6 +59,13 @@ def _check_coco_structure(data: Any, path: Path) -> None:
                 raise DatasetError(
                     path, f"malformed COCO JSON: {key}[{index}] lacks one of {', '.join(fields)}"
                 )
+    ids = [image["id"] for image in data["images"]]
+    if len(set(map(str, ids))) != len(ids) or not all(isinstance(i, int) for i in ids):
+        raise DatasetError(path, "malformed COCO JSON: image ids must be unique integers")
+    for index, image in enumerate(data["images"]):
+        for key in ("width", "height"):
+            if key in image and not isinstance(image[key], (int, float)):
+                raise DatasetError(path, f"malformed COCO JSON: images[{index}].{key} is not a number")
     for index, ann in enumerate(data["annotations"]):
         bbox = ann["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):

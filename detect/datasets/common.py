@@ -30,6 +30,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".JPEG", ".JPG", ".PNG", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = frozenset(ext.lower() for ext in IMAGE_EXTENSIONS)
 
 # Every kind of repair or skip a reader can report, with the sentence the summary prints.
 REPORT_KINDS: dict[str, str] = {
@@ -44,6 +45,7 @@ REPORT_KINDS: dict[str, str] = {
     "content_not_rgb": "images that are not plain RGB (RGBA/palette/grayscale/CMYK/16-bit; decoded to RGB)",
     "image_without_objects": "images without objects kept",
     "negative_image_no_annotation": "negative images without an annotation file kept with no objects",
+    "image_without_annotation_ignored": "images in the folder without an annotation file (not loaded)",
     "difficult_kept": "difficult objects kept (flagged)",
     "crowd_as_difficult": "COCO iscrowd annotations kept as difficult",
     "skipped": "files skipped on error",
@@ -221,17 +223,17 @@ def map_items(
             return None, err
 
     items = list(items)
-    if workers <= 1 or len(items) < 32:
-        results: Iterable[tuple[R | None, DatasetError | None]] = map(guarded, items)
-        executor = None
-    else:
-        executor = ThreadPoolExecutor(max_workers=workers)
-        results = executor.map(guarded, items)
+    executor = ThreadPoolExecutor(max_workers=workers) if workers > 1 and len(items) >= 32 else None
     try:
-        for item, (result, error) in zip(items, results, strict=True):
-            if error is not None and on_error == "raise":
-                raise error
-            yield item, result, error
+        # Bounded batches: a 450k-image ILSVRC list never holds 450k futures at once.
+        batch = max(256, 64 * workers)
+        for begin in range(0, len(items), batch):
+            part = items[begin : begin + batch]
+            results = executor.map(guarded, part) if executor is not None else map(guarded, part)
+            for item, (result, error) in zip(part, results, strict=True):
+                if error is not None and on_error == "raise":
+                    raise error
+                yield item, result, error
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)

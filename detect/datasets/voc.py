@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from detect.datasets.common import (
-    IMAGE_EXTENSIONS,
+    IMAGE_SUFFIXES,
     DatasetError,
     LoadReport,
     OnError,
@@ -234,7 +234,7 @@ def read_xml_folder(
         items = [(i + 1, path, None) for i, path in enumerate(xml_files)]
     else:
         for i, entry in enumerate(names):
-            is_file_name = Path(entry).suffix.lower() in {ext.lower() for ext in IMAGE_EXTENSIONS}
+            is_file_name = Path(entry).suffix.lower() in IMAGE_SUFFIXES
             image_path = resolve_inside(image_dir, entry, image_dir) if is_file_name else None
             stem = entry[: -len(Path(entry).suffix)] if is_file_name else entry
             items.append((i + 1, resolve_inside(xml_dir, f"{stem}.xml", xml_dir), image_path))
@@ -248,6 +248,11 @@ def read_xml_folder(
         return found
 
     report = LoadReport(name=name or image_dir.name)
+    if names is None:  # report images that have no XML: they are not part of the data set
+        stems = {path.stem for _, path, _ in items}
+        for path in sorted(image_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in stems:
+                report.add("image_without_annotation_ignored", path)
     records, class_names = _collect(
         items, class_names, on_error, workers or default_workers(), report, lookup
     )
