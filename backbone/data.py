@@ -14,6 +14,7 @@ API (what ``tools/train_cls.py`` and ``tools/eval_cls.py`` call)::
         dedupe=True,             # byte-identical files: drop those under two labels, keep one copy otherwise
         val_labels=None,         # label file for a flat val folder (found automatically if None)
         synthetic_train_size=8000, synthetic_val_size=1600,
+        train_scale=None,        # train crop area range; None: (0.08, 1) real data, (0.35, 1) synthetic
         train_transform=None, val_transform=None,   # defaults: backbone.transforms train/eval pipelines
     )
     image, label = train_ds[i]   # float32 (3, S, S) tensor normalised with ImageNet mean/std, int
@@ -202,13 +203,14 @@ def build_classification_datasets(
     val_labels: str | Path | None = None,
     synthetic_train_size: int = 8000,
     synthetic_val_size: int = 1600,
+    train_scale: tuple[float, float] | None = None,
     train_transform: Callable | None = None,
     val_transform: Callable | None = None,
     cache_threads: int | None = None,
 ) -> tuple[Dataset, Dataset, list[str]]:
     """``(train_ds, val_ds, class_names)`` for ``root`` (see the module docstring)."""
     augment = seed if augment_seed is None else augment_seed
-    train_tf = train_transform or _default_train_transform(image_size, synthetic=root is None)
+    train_tf = train_transform or _default_train_transform(image_size, root is None, train_scale)
     val_tf = val_transform or make_eval_transform(image_size)
     if root is None:
         return _synthetic_datasets(
@@ -255,10 +257,12 @@ def build_classification_datasets(
     return datasets[0], datasets[1], class_names
 
 
-def _default_train_transform(image_size: int, synthetic: bool) -> Callable:
+def _default_train_transform(image_size: int, synthetic: bool, scale: tuple[float, float] | None) -> Callable:
     # An 8% crop of a synthetic image often misses its single object entirely; real photos
     # (and the paper's recipe) keep the 8% lower bound.
-    return make_train_transform(image_size, scale=(0.35, 1.0) if synthetic else (0.08, 1.0))
+    if scale is None:
+        scale = (0.35, 1.0) if synthetic else (0.08, 1.0)
+    return make_train_transform(image_size, scale=tuple(scale))
 
 
 __all__ = [

@@ -134,6 +134,8 @@ def test_class_folder_split_and_transforms(tmp_path):
     assert torch.equal(val[0][0], val[0][0])
     other, _, _ = build_classification_datasets(tmp_path, 32, val_fraction=0.2, seed=5, augment_seed=6)
     assert other.samples == train.samples and not torch.equal(other[0][0], image)  # same split, new draws
+    milder, _, _ = build_classification_datasets(tmp_path, 32, seed=5, train_scale=(0.5, 1.0))
+    assert {t.scale for t in milder.transform.compose.transforms[0].transforms} == {(0.5, 1.0)}
     with pytest.raises(DataSetError, match="train/ and val/"):
         build_classification_datasets(tmp_path, 32, split="folders")
     with pytest.raises(DataSetError, match="not found"):
