@@ -21,11 +21,16 @@ a pure function of it, so augmentation does not depend on worker count, order or
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import albumentations as A
+# albumentations asks PyPI for a newer version on every import (in every spawned worker); training
+# must not touch the network.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 import torch
