@@ -174,33 +174,49 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
     return sorted(train), sorted(val)
 
 
-def _file_digest(path: str) -> str | None:
+def _file_digest(path: str, limit: int | None = None) -> str | None:
+    """blake2b of the file's first ``limit`` bytes (all when None); None if it cannot be read."""
     try:
         digest = hashlib.blake2b(digest_size=16)
         with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
+            if limit is not None:
+                digest.update(handle.read(limit))
+            else:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
         return digest.hexdigest()
     except OSError:
         return None  # unreadable files are reported when they are decoded
 
 
+def _refine(groups: list[list[int]], paths: Sequence[str], limit: int | None) -> list[list[int]]:
+    """Split each group by file digest, keeping only sub-groups of two or more."""
+    refined = []
+    for group in groups:
+        by_digest: dict[str, list[int]] = defaultdict(list)
+        for index in group:
+            digest = _file_digest(paths[index], limit)
+            if digest is not None:
+                by_digest[digest].append(index)
+        refined.extend(g for g in by_digest.values() if len(g) > 1)
+    return refined
+
+
 def find_duplicate_groups(paths: Sequence[str]) -> list[list[int]]:
-    """Groups (indices into ``paths``) of byte-identical files. Only files sharing a size are hashed."""
+    """Groups (indices into ``paths``) of byte-identical files.
+
+    Cheap tests first, so large sets stay fast: file sizes, then a hash of the first 8 KB of
+    same-size files (JPEG headers and first scans already differ between photos), and a full hash
+    only for files that agree on both.
+    """
     by_size: dict[int, list[int]] = defaultdict(list)
     for index, path in enumerate(paths):
         try:
             by_size[os.path.getsize(path)].append(index)
         except OSError:
             continue
-    by_digest: dict[str, list[int]] = defaultdict(list)
-    for indices in by_size.values():
-        if len(indices) > 1:
-            for index in indices:
-                digest = _file_digest(paths[index])
-                if digest is not None:
-                    by_digest[digest].append(index)
-    return [group for group in by_digest.values() if len(group) > 1]
+    groups = [group for group in by_size.values() if len(group) > 1]
+    return _refine(_refine(groups, paths, 8192), paths, None)
 
 
 def dedupe_samples(

@@ -19,7 +19,7 @@ from backbone.data import (
     ImageClassificationDataset,
     build_classification_datasets,
 )
-from backbone.data_index import read_val_labels, scan_class_folders, stratified_split
+from backbone.data_index import find_duplicate_groups, read_val_labels, scan_class_folders, stratified_split
 from backbone.synthetic import SHAPE_CLASSES
 
 
@@ -209,6 +209,16 @@ def test_identical_files_are_deduplicated_and_reported(tmp_path, caplog):
     assert [Path(p).name for p, _ in val.samples] == ["leak_copy.png"]
     assert "dropped 2 files listed under two labels and 2 repeated copies" in caplog.text
     assert str(tmp_path / "train" / "b" / "same.png") in caplog.text
+
+
+def test_duplicate_groups_need_identical_bytes_not_just_size_and_header(tmp_path):
+    head = bytes(range(256)) * 40  # 10,240 bytes: longer than the 8 KB header hash
+    contents = {"a": head + b"x", "b": head + b"y", "c": head + b"x", "d": b"short", "e": b"other"}
+    paths = []
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    assert find_duplicate_groups(paths + [str(tmp_path / "missing")]) == [[0, 2]]
 
 
 def test_synthetic_default_when_no_root():
