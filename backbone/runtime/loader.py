@@ -60,6 +60,8 @@ class SeededSamples(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):  # datasets that seed their own augmentation per epoch
+            self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -157,3 +159,25 @@ class ResumableLoader:
 
     def __len__(self) -> int:
         return self.batches_per_epoch()
+
+
+def build_eval_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
+    """In-order loader over this rank's disjoint share of ``dataset`` (no padding: exact metrics).
+
+    Items are computed under per-sample seeds too, so evaluating never moves the global RNGs.
+    """
+    sampler = ResumableDistributedSampler(dataset, shuffle=False, pad=False)
+    return DataLoader(
+        SeededSamples(dataset, seed=0),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        generator=torch.Generator(),  # leave the global RNG untouched (exact resume)
+        worker_init_fn=_limit_worker_threads if num_workers > 0 else None,
+    )

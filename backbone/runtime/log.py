@@ -23,13 +23,14 @@ T = TypeVar("T")
 logger = logging.getLogger("backbone")
 
 
-def run_tool(main: Callable[[Any], Any], args: Any) -> None:
-    """Call a tool's ``main(args)``; a :class:`UserError` becomes one stderr line and exit code 2."""
+def run_tool(main: Callable[[Any], int | None], args: Any) -> int:
+    """Call a tool's ``main(args)`` and return its exit code; a :class:`UserError` becomes one
+    stderr line and exit code 2. Use as ``sys.exit(run_tool(main, get_args_parser().parse_args()))``."""
     try:
-        main(args)
+        return int(main(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
 
 
 def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO) -> None:

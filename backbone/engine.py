@@ -1,0 +1,138 @@
+"""Classification training step and evaluation for GoogLeNet.
+
+``train_one_epoch`` is the task-agnostic loop of ``backbone.runtime.trainer`` with the paper's
+loss: ``main + aux_weight * (aux1 + aux2)`` (aux_weight 0.3, section 5). ``evaluate`` returns
+top-1 / top-5 accuracy (percent) and mean loss, summed exactly over all ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backbone.googlenet import GoogLeNetOutputs
+from backbone.runtime.dist import all_reduce_sum
+from backbone.runtime.log import Progress
+from backbone.runtime.trainer import EpochOutcome, StepOutput, train_epoch
+
+AUX_WEIGHT = 0.3  # the paper's discount of the auxiliary classifiers' losses
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """Move a NCHW batch to ``device``, in channels_last layout by default (2.4x faster on CPU)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return images.to(device, memory_format=memory_format, non_blocking=True)
+
+
+def classification_loss(
+    outputs: GoogLeNetOutputs,
+    targets: torch.Tensor,
+    aux_weight: float = AUX_WEIGHT,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(loss, parts)``: cross-entropy of the main head plus ``aux_weight`` x each aux head's."""
+    main = F.cross_entropy(outputs.logits, targets, label_smoothing=label_smoothing)
+    aux_losses = [
+        F.cross_entropy(aux, targets, label_smoothing=label_smoothing)
+        for aux in (outputs.aux1, outputs.aux2)
+        if aux is not None
+    ]
+    aux = torch.stack(aux_losses).sum() if aux_losses else main.new_zeros(())
+    loss = main + aux_weight * aux
+    return loss, {"loss_main": float(main.detach()), "loss_aux": float(aux.detach())}
+
+
+def classification_step(
+    device: torch.device,
+    aux_weight: float = AUX_WEIGHT,
+    label_smoothing: float = 0.0,
+    channels_last: bool = True,
+) -> Callable[[nn.Module, Any], StepOutput]:
+    """The ``compute_loss`` for the training loop: batch ``(images, labels)`` -> StepOutput."""
+
+    def compute(model: nn.Module, batch: Any) -> StepOutput:
+        images, labels = batch
+        images = to_device(images, device, channels_last)
+        labels = labels.to(device, non_blocking=True)
+        outputs = model(images)
+        loss, parts = classification_loss(outputs, labels, aux_weight, label_smoothing)
+        top1 = (outputs.logits.detach().argmax(1) == labels).float().mean().item() * 100.0
+        return StepOutput(loss=loss, batch_size=int(labels.shape[0]), metrics=parts | {"top1": top1})
+
+    return compute
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    *,
+    epoch: int,
+    steps_per_epoch: int,
+    aux_weight: float = AUX_WEIGHT,
+    label_smoothing: float = 0.0,
+    channels_last: bool = True,
+    **loop_options: Any,
+) -> EpochOutcome:
+    """One epoch of classification training (see ``backbone.runtime.trainer.train_epoch`` for
+    ``start_step``, ``ema``, ``stop``, ``max_steps``, ``metrics`` and the other loop options)."""
+    step = classification_step(device, aux_weight, label_smoothing, channels_last)
+    return train_epoch(
+        model,
+        batches,
+        step,
+        optimizer,
+        lr_scheduler,
+        epoch=epoch,
+        steps_per_epoch=steps_per_epoch,
+        **loop_options,
+    )
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    device: torch.device,
+    channels_last: bool = True,
+    total: int | None = None,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy in percent, mean cross-entropy and image count, over all ranks.
+
+    Each rank must see a disjoint share of the set (e.g. ``build_eval_loader``), so the sums are
+    exact. Top-5 becomes top-k with k = number of classes when there are fewer than 5.
+    """
+    was_training = model.training
+    model.eval()
+    sums = {"correct1": 0.0, "correct5": 0.0, "loss": 0.0, "count": 0.0}
+    progress = Progress(batches, total=total, desc=desc)
+    for images, labels in progress:
+        images = to_device(images, device, channels_last)
+        labels = labels.to(device, non_blocking=True)
+        outputs = model(images)
+        logits = outputs.logits if isinstance(outputs, GoogLeNetOutputs) else outputs
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hits = topk == labels[:, None]
+        sums["correct1"] += hits[:, 0].sum().item()
+        sums["correct5"] += hits.any(dim=1).sum().item()
+        sums["loss"] += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        sums["count"] += labels.shape[0]
+        progress.update(int(labels.shape[0]))
+    progress.close()
+    model.train(was_training)
+    totals = all_reduce_sum(sums)
+    count = max(totals["count"], 1.0)
+    return {
+        "top1": 100.0 * totals["correct1"] / count,
+        "top5": 100.0 * totals["correct5"] / count,
+        "loss": totals["loss"] / count,
+        "count": totals["count"],
+    }

@@ -1,0 +1,313 @@
+"""Pretrain GoogLeNet for classification with the paper's recipe.
+
+    python tools/train_cls.py [--config configs/cls/NAME.yaml] [--set train.lr=0.05] [--out DIR] [--resume]
+    torchrun --nproc_per_node=2 tools/train_cls.py --config ...
+
+Without ``data.root`` it trains on the built-in synthetic shapes set. The run directory (default
+``runs/<config stem>``) receives config.yaml (resolved), metrics.jsonl, curves.png, log.txt,
+checkpoint.pt (every epoch, and on SIGTERM/SIGINT) and model.pt: the EMA (Polyak-averaged)
+weights, evaluated and exported with ``backbone.weights.save_model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from backbone import googlenet
+from backbone.data import CorruptImageError, build_classification_datasets
+from backbone.ema import ModelEma
+from backbone.engine import classification_step, evaluate
+from backbone.runtime import config as cfglib
+from backbone.runtime.dist import cleanup_distributed, init_distributed, is_main_process
+from backbone.runtime.errors import UserError
+from backbone.runtime.loader import ResumableLoader, build_eval_loader
+from backbone.runtime.log import run_tool, setup_logging
+from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
+from backbone.runtime.paths import default_run_dir, resolve_data_path
+from backbone.runtime.trainer import CHECKPOINT_NAME, fit
+from backbone.weights import save_model
+
+logger = logging.getLogger("train_cls")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: Literal["paper", "bn", "torchvision"] = "bn"
+    aux_logits: bool = True
+    dropout: float | None = None  # None: the variant's own (0.4 paper/bn, 0.2 torchvision)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str | None = None  # None: the synthetic shapes set; "$SHARED_DATA/flowers" is expanded
+    image_size: int = 128
+    split: Literal["auto", "folders", "stratified"] = "auto"
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    strict: bool = False  # True: the first undecodable image stops the run
+    cache: bool = False  # decode every image once into RAM (small sets)
+    dedupe: bool = True
+    val_labels: str | None = None
+    synthetic_train_size: int = 8000
+    synthetic_val_size: int = 1600
+    workers: int = 2
+    eval_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.1  # for the whole (global) batch
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    decay_norm_and_bias: bool = False
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: Literal["paper", "step", "cosine", "constant"] = "paper"
+    gamma: float = 0.96  # paper: x0.96 every 8 epochs; step: x gamma at each milestone
+    step_epochs: float = 8.0
+    milestones: tuple[float, ...] = ()
+    min_factor: float = 0.0  # cosine floor, as a fraction of lr
+    warmup_epochs: float = 0.0
+    warmup_factor: float = 0.1
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    enabled: bool = True
+    decay: float = 0.9998
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32  # per process
+    aux_weight: float = 0.3
+    label_smoothing: float = 0.0
+    grad_clip_norm: float | None = None
+    eval_every: int = 1
+    log_interval: int = 20
+    keep_every: int = 0  # also keep checkpoint_epochNNN.pt every N epochs (0: only the latest)
+
+
+@dataclass(frozen=True)
+class TrainClsConfig:
+    seed: int = 0
+    deterministic: bool = False  # deterministic algorithms (bit-exact resume on CPU)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None  # torch intra-op threads per process (None: torch's default)
+    channels_last: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: all defaults)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default runs/<config stem>)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true", help="start over even if OUT has a checkpoint")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps in total, with a resumable checkpoint (smoke tests)",
+    )
+    return parser
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def data_root(cfg: TrainClsConfig) -> Path | None:
+    root = resolve_data_path(cfg.data.root) if cfg.data.root is not None else None
+    if root is not None and not root.is_dir():
+        raise UserError(f"data.root: data set folder not found: {root} (set SHARED_DATA or data.root)")
+    return root
+
+
+def build_data(cfg: TrainClsConfig):
+    data = cfg.data
+    root = data_root(cfg)
+    try:
+        train_ds, val_ds, class_names = build_classification_datasets(
+            root,
+            image_size=data.image_size,
+            split=data.split,
+            val_fraction=data.val_fraction,
+            seed=data.split_seed,
+            strict=data.strict,
+            cache=data.cache,
+            dedupe=data.dedupe,
+            val_labels=data.val_labels,
+            synthetic_train_size=data.synthetic_train_size,
+            synthetic_val_size=data.synthetic_val_size,
+        )
+    except (ValueError, FileNotFoundError) as exc:  # the data module's one-line "PATH: problem" errors
+        raise UserError(str(exc).splitlines()[0]) from None
+    meta = {
+        "root": str(root) if root is not None else None,
+        "image_size": data.image_size,
+        "split": data.split,
+        "val_fraction": data.val_fraction,
+        "seed": data.split_seed,
+        "dedupe": data.dedupe,
+        "val_labels": data.val_labels,
+        "synthetic_train_size": data.synthetic_train_size,
+        "synthetic_val_size": data.synthetic_val_size,
+    }
+    return train_ds, val_ds, list(class_names), meta
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = cfglib.load_config(args.config, TrainClsConfig, args.overrides)
+    run_dir = args.out if args.out is not None else default_run_dir(args.config, "train_cls")
+    if not args.resume and not args.overwrite and (run_dir / CHECKPOINT_NAME).exists():
+        raise UserError(f"{run_dir / CHECKPOINT_NAME} exists: pass --resume to continue or --overwrite")
+    if args.resume and not (run_dir / CHECKPOINT_NAME).is_file():
+        raise UserError(f"{run_dir / CHECKPOINT_NAME}: no checkpoint to resume from")
+    data_root(cfg)  # fail on a missing data set before creating the run directory
+    info = init_distributed(cfg.device)
+    try:
+        return train(cfg, args, run_dir, info)
+    finally:
+        cleanup_distributed()
+
+
+def train(cfg: TrainClsConfig, args: argparse.Namespace, run_dir: Path, info) -> int:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed, cfg.deterministic)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfglib.dump_config(cfg, run_dir / "config.yaml")
+    setup_logging(run_dir)
+    logger.info("run directory %s; %d process(es) on %s", run_dir, info.world_size, info.device)
+
+    train_ds, val_ds, class_names, data_meta = build_data(cfg)
+    train_loader = ResumableLoader(
+        train_ds, cfg.train.batch_size, seed=cfg.seed, num_workers=cfg.data.workers, drop_last=True
+    )
+    val_loader = build_eval_loader(val_ds, cfg.data.eval_batch_size, num_workers=cfg.data.workers)
+
+    model = googlenet(
+        cfg.model.variant,
+        num_classes=len(class_names),
+        aux_logits=cfg.model.aux_logits,
+        dropout=cfg.model.dropout,
+    )
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(info.device, memory_format=memory_format)
+    ema = ModelEma(model, decay=cfg.ema.decay, warmup=cfg.ema.warmup) if cfg.ema.enabled else None
+    optimizer = build_sgd(
+        model,
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        nesterov=cfg.optim.nesterov,
+        decay_norm_and_bias=cfg.optim.decay_norm_and_bias,
+    )
+    sched = cfg.schedule
+    factor = lr_factor_fn(
+        sched.kind,
+        len(train_loader) or 1,
+        cfg.train.epochs,
+        gamma=sched.gamma,
+        step_epochs=sched.step_epochs,
+        milestones=sched.milestones,
+        min_factor=sched.min_factor,
+        warmup_epochs=sched.warmup_epochs,
+        warmup_factor=sched.warmup_factor,
+    )
+    lr_scheduler = build_lr_scheduler(optimizer, factor)
+    train_model = model
+    if info.world_size > 1:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def run_eval(eval_model: torch.nn.Module) -> dict[str, float]:
+        return evaluate(
+            eval_model, val_loader, info.device, cfg.channels_last, total=len(val_loader), desc="val"
+        )
+
+    config_dict = cfglib.config_to_dict(cfg)
+    try:
+        result = fit(
+            model=train_model,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            train_loader=train_loader,
+            compute_loss=classification_step(
+                info.device, cfg.train.aux_weight, cfg.train.label_smoothing, cfg.channels_last
+            ),
+            epochs=cfg.train.epochs,
+            run_dir=run_dir,
+            config=config_dict,
+            ema=ema,
+            evaluate=run_eval,
+            resume=args.resume,
+            eval_every=cfg.train.eval_every,
+            log_interval=cfg.train.log_interval,
+            grad_clip_norm=cfg.train.grad_clip_norm,
+            max_steps=args.max_steps,
+            keep_every=cfg.train.keep_every,
+        )
+    except CorruptImageError as exc:
+        raise UserError(str(exc)) from None
+    if result.stopped:
+        signum = getattr(signal, result.stop_reason or "", None)
+        return 128 + int(signum) if signum is not None else 0
+
+    final_model = ema.module if ema is not None else model
+    if is_main_process():
+        val = {k[4:]: v for k, v in result.last_metrics.items() if k.startswith("val_")}
+        meta = {
+            "class_names": class_names,
+            "image_size": cfg.data.image_size,
+            "data": data_meta,
+            "ema": ema is not None,
+            "val": val,
+            "config": config_dict,
+        }
+        save_model(run_dir / "model.pt", final_model, extra_meta=meta)
+        summary = {"epochs": result.epoch, "steps": result.global_step, **result.last_metrics}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        logger.info("exported %s (val top-1 %.2f%%)", run_dir / "model.pt", val.get("top1", float("nan")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main, get_args_parser().parse_args()))
