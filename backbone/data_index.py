@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jpe"}
 )
+MAX_LOGGED_DUPLICATE_GROUPS = 20
 LABEL_FILE_NAMES = ("LOC_val_solution.csv", "val_labels.txt", "labels.txt", "val.txt")
 
 Sample = tuple[str, int]
@@ -231,18 +232,23 @@ def dedupe_samples(
     ]
     drop: set[int] = set()
     conflicts = repeats = 0
-    for group in find_duplicate_groups([path for path, _, _ in entries]):
+    groups = find_duplicate_groups([path for path, _, _ in entries])
+    for number, group in enumerate(groups):
         labels = {entries[i][1] for i in group}
-        listing = ", ".join(f"{entries[i][0]} ({class_names[entries[i][1]]})" for i in sorted(group))
         if len(labels) > 1:
             drop.update(group)
             conflicts += len(group)
-            logger.warning("dropped identical files listed under different labels: %s", listing)
+            action = "dropped identical files listed under different labels"
         else:
             keep = min(group)  # val entries come first, then by listing order
             drop.update(i for i in group if i != keep)
             repeats += len(group) - 1
-            logger.warning("kept one of identical files under one label: %s", listing)
+            action = "kept one of identical files under one label"
+        if number < MAX_LOGGED_DUPLICATE_GROUPS:  # a huge set would flood the log
+            listing = ", ".join(f"{entries[i][0]} ({class_names[entries[i][1]]})" for i in sorted(group))
+            logger.warning("%s: %s", action, listing)
+    if len(groups) > MAX_LOGGED_DUPLICATE_GROUPS:
+        logger.warning("... and %d more groups of identical files", len(groups) - MAX_LOGGED_DUPLICATE_GROUPS)
     if drop:
         logger.warning(
             "dedupe: dropped %d files listed under two labels and %d repeated copies (%.1f s)",
