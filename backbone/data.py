@@ -234,6 +234,11 @@ def build_classification_datasets(
         train_idx, val_idx = stratified_split([label for _, label in train_samples], val_fraction, seed)
         val_samples = [train_samples[i] for i in val_idx]
         train_samples = [train_samples[i] for i in train_idx]
+    for split_name, samples in (("training", train_samples), ("validation", val_samples)):
+        if not samples:
+            raise DataSetError(
+                f"{root}: no {split_name} images left (after the split and removing duplicates)"
+            )
     logger.info(
         "%s: %d classes, %d train / %d val images (%s split)",
         root,

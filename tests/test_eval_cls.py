@@ -144,3 +144,12 @@ def test_user_errors_are_one_line_with_exit_code_2(checkpoints, tmp_path, capsys
     assert _run(["--checkpoint", str(checkpoints[0]), "--data", str(tmp_path / "flat")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no class folders" in err and "\n" not in err
+    for name in ("a", "b"):  # class folders of (undecodable, never read) distinct files
+        (tmp_path / "two" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "two" / name / f"{i}.png").write_bytes(f"{name}{i}".encode())
+    assert _run(["--checkpoint", str(checkpoints[0]), "--data", str(tmp_path / "two")]) == 2
+    assert "trained on classes" in capsys.readouterr().err
+    save_model(tmp_path / "bare.pt", googlenet("bn", num_classes=3, aux_logits=False), {"image_size": 32})
+    assert _run(["--checkpoint", str(tmp_path / "bare.pt"), "--data", str(tmp_path / "two")]) == 2
+    assert "the model has 3 classes, the data set 2" in capsys.readouterr().err

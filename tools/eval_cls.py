@@ -138,6 +138,11 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(
             f"{first_path}: trained on classes {recorded_names[:5]}..., the data has {class_names[:5]}..."
         )
+    for path, model, _ in models:
+        if model.num_classes != len(class_names):
+            raise UserError(
+                f"{path}: the model has {model.num_classes} classes, the data set {len(class_names)}"
+            )
     dataset = val_ds
     if args.limit is not None and args.limit < len(val_ds):
         dataset = Subset(
