@@ -244,3 +244,10 @@ def test_flowers_split_counts_and_determinism(caplog):
     assert len(other_val) == 861 and other_val.samples != val.samples
     image, _ = val[0]
     assert image.shape == (3, 128, 128)
+
+
+def test_an_empty_split_is_a_one_line_error_naming_the_folder(tmp_path):
+    for name in ("a", "b"):  # the same bytes under both labels: both dropped, nothing left
+        _write(tmp_path / name / "same.png", _pixels(8, 8, 0), ".png")
+    with pytest.raises(DataSetError, match=rf"^{tmp_path}: no training images left"):
+        build_classification_datasets(tmp_path, 8)
