@@ -137,6 +137,26 @@ class MultiBoxNet(nn.Module):
         self.backbone = backbone
         self.head = head
         self.stage = stage
+        self.frozen_stages: list[str] = []
+
+    def freeze_through(self, stage: str | None) -> None:
+        """Freeze the backbone's stages up to and including ``stage`` (None: train everything).
+
+        Frozen stages also keep their BatchNorm statistics: they stay in eval mode in training.
+        """
+        names = self.backbone.stage_names()
+        if stage is not None and stage not in names:
+            raise ValueError(f"unknown backbone stage {stage!r}; choose one of {', '.join(names)}")
+        self.frozen_stages = names[: names.index(stage) + 1] if stage is not None else []
+        for name in names:
+            getattr(self.backbone, name).requires_grad_(name not in self.frozen_stages)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MultiBoxNet:
+        super().train(mode)
+        for name in self.frozen_stages:
+            getattr(self.backbone, name).eval()
+        return self
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.head(self.backbone.forward_features(images, self.stage))
@@ -189,33 +209,37 @@ def load_multibox(path: str | Path) -> tuple[MultiBoxNet, MultiBoxArch, dict[str
 
 
 def match_predictions(
-    pred_boxes: Tensor, logits: Tensor, gt_boxes: Tensor, alpha: float
+    pred_boxes: Tensor, logits: Tensor, gt_boxes: Tensor, alpha: float, priors: Tensor | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hungarian matching of ``(K, 4)`` predictions to ``(M, 4)`` ground truth (normalised xyxy).
 
     Cost of pairing prediction i with box j: ``alpha/2 |l_i - g_j|^2 - logit_i``; returns
-    ``(pred_idx, gt_idx)`` of the ``min(K, M)`` pairs.
+    ``(pred_idx, gt_idx)`` of the ``min(K, M)`` pairs. With ``priors``, ``l_i`` is prediction i's
+    prior instead of its current location ("prior matching", arXiv 1412.1441): the assignment then
+    cannot drift with the predictions, which keeps one confident box from claiming every object.
     """
     if gt_boxes.shape[0] == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
     with torch.no_grad():
-        distance = torch.cdist(pred_boxes.double(), gt_boxes.double()) ** 2  # K x M
+        where = pred_boxes if priors is None else priors.to(pred_boxes)
+        distance = torch.cdist(where.double(), gt_boxes.double()) ** 2  # K x M
         cost = alpha / 2 * distance - logits.double()[:, None]
     pred_idx, gt_idx = linear_sum_assignment(cost.cpu().numpy())
     return pred_idx.astype(np.int64), gt_idx.astype(np.int64)
 
 
 def multibox_loss(
-    pred_boxes: Tensor, logits: Tensor, gt_boxes: list[Tensor], alpha: float
+    pred_boxes: Tensor, logits: Tensor, gt_boxes: list[Tensor], alpha: float, priors: Tensor | None = None
 ) -> dict[str, Tensor]:
     """MultiBox loss of a batch: ``(B, K, 4)`` boxes, ``(B, K)`` logits, B tensors ``(M_b, 4)``.
 
     Returns ``loss = mean_b(alpha * loc_b + conf_b)`` and its two parts (also batch means).
+    ``priors``: match on prior locations (see :func:`match_predictions`).
     """
     loc_terms, conf_terms = [], []
     for boxes, image_logits, gt in zip(pred_boxes, logits, gt_boxes, strict=True):
-        pred_idx, gt_idx = match_predictions(boxes, image_logits, gt, alpha)
+        pred_idx, gt_idx = match_predictions(boxes, image_logits, gt, alpha, priors)
         target = torch.zeros_like(image_logits)
         target[torch.from_numpy(pred_idx)] = 1.0
         matched = boxes[torch.from_numpy(pred_idx)] - gt[torch.from_numpy(gt_idx)].to(boxes)

@@ -1,0 +1,133 @@
+"""tools/propose.py end to end on a tiny COCO data set: caches, the coverage report, user errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from test_proposals_cache import make_multibox_file, write_images
+
+from backbone.runtime.errors import UserError
+from detect.datasets import DetectionDataset, write_coco_json
+from detect.proposals.report import best_overlaps, coverage_stats
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_dataset(tmp_path: Path) -> Path:
+    records = write_images(tmp_path / "images", 4)
+    for i, record in enumerate(records):
+        record.boxes = np.array([[8 + i, 8, 60 + i, 50], [64, 40, 120, 90]], np.float32)
+        record.labels = np.array([0, 1], np.int64)
+        record.difficult = np.zeros(2, bool)
+    path = tmp_path / "tiny.json"
+    write_coco_json(
+        DetectionDataset(records, ["a", "b"], [1, 2], "tiny"), path, image_root=tmp_path / "images"
+    )
+    return path
+
+
+def write_config(tmp_path: Path, **extra: object) -> Path:
+    config = {
+        "name": "tiny",
+        "splits": {"test": {"path": str(tiny_dataset(tmp_path))}},
+        "method": "ss",
+        "ss": {"preset": "fast_x2", "min_size": 4},
+        "cache_dir": str(tmp_path / "cache"),
+        "workers": 2,
+        "shard_size": 2,
+        **extra,
+    }
+    path = tmp_path / "propose.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("propose_tool", REPO / "tools" / "propose.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+propose = load_tool()
+
+
+def run_in_process(*args: str) -> int:
+    return propose.main(propose.get_args_parser().parse_args(list(args)))
+
+
+def test_report_compares_the_four_methods(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_multibox_file(tmp_path / "mb.pth", seed=0)
+    config = write_config(tmp_path, multibox={"model": str(tmp_path / "mb.pth"), "top_k": 5})
+    assert (
+        run_in_process("--config", str(config), "--split", "test", "--report", "--out", str(tmp_path / "rep"))
+        == 0
+    )
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert set(report["methods"]) == {
+        "SS fast",
+        "SS fast_x2",
+        "MultiBox",
+        "SS fast_x2 + MultiBox",
+        "SS fast (dedup 0.8, reference)",
+    }
+    assert report["methods"]["MultiBox"]["proposals_per_image"] == 5
+    assert set(report["target"]) == {"union_recall@0.5", "baseline_recall@0.5", "proposal_ratio", "met"}
+    assert (tmp_path / "rep" / "recall_curves.png").stat().st_size > 1000
+    assert "recall@0.5" in (tmp_path / "rep" / "report.txt").read_text()
+    caches = sorted(p.name for p in (tmp_path / "cache" / "tiny" / "test").iterdir())
+    assert caches == ["multibox_top5", "multibox_top5+ss_fast_x2", "ss_fast", "ss_fast_x2"]
+    with caplog.at_level(logging.INFO):
+        assert run_in_process("--config", str(config), "--split", "test", "--no-progress") == 0
+    assert "0 shards computed, 2 reused" in caplog.text  # method ss: the cache is reused
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--split", "val"], "--split val: not in the config's splits (test)"),
+        (["--split", "test", "--set", "ss.preset=slowest"], "unknown selective search preset"),
+        (["--split", "test", "--set", "method=both"], "multibox.model: no MultiBox model file given"),
+        (["--split", "test", "--set", "ss.min_sz=3"], "unknown key 'ss.min_sz'"),
+    ],
+)
+def test_user_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_in_process("--config", str(write_config(tmp_path)), *args)
+
+
+def test_user_error_exits_2_with_one_line(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "tools/propose.py", "--config", str(write_config(tmp_path)), "--split", "train"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["error: --split train: not in the config's splits (test)"]
+
+
+def test_coverage_stats_hand_worked() -> None:
+    from detect.datasets.records import DetectionRecord
+
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 4, 4]], np.float32)
+    record = DetectionRecord(1, "x.png", 40, 40, gt, np.array([0, 0, 1]), np.array([False, False, True]))
+    proposals = np.array([[0, 0, 10, 5], [20, 20, 30, 30], [0, 0, 10, 10]], np.float32)
+    best = best_overlaps(gt[:2], proposals, [1, 2, 3])
+    np.testing.assert_allclose(best, [[0.5, 0.5, 1.0], [0.0, 1.0, 1.0]])
+    stats = coverage_stats([record], [proposals], np.array([0.25]), counts=(1, 2))
+    assert stats["gt_boxes"] == 2  # the difficult box is not counted
+    assert stats["recall@0.5"] == 1.0 and stats["recall@0.7"] == 1.0
+    assert stats["curve@0.5"] == {"1": 0.5, "2": 1.0} and stats["curve@0.7"] == {"1": 0.0, "2": 0.5}
+    assert stats["mabo"] == 1.0 and stats["proposals_per_image"] == 3 and stats["seconds_per_image"] == 0.25
