@@ -19,7 +19,7 @@ from test_proposals_ss import blocky_image
 
 from backbone import googlenet
 from detect.datasets.records import DetectionRecord
-from detect.proposals.cache import ProposalCacheError, build_cache, load_cache, shard_path
+from detect.proposals.cache import ProposalCacheError, build_cache, load_cache, read_cache, shard_path
 from detect.proposals.methods import (
     MultiBoxMethod,
     SelectiveSearchMethod,
@@ -59,6 +59,12 @@ def test_parallel_build_matches_direct_extraction_and_is_reused(tmp_path: Path) 
     assert (loaded.seconds > 0).all()
     assert all(np.all(np.diff(s) < 0) for s in loaded.scores)  # rank order kept as falling scores
     assert json.loads((cache / "manifest.json").read_text())["complete"] is True
+    read, manifest = read_cache(records, cache)  # what train_det uses: the method from the manifest
+    assert (
+        manifest["method"]["kind"] == "selective_search" and manifest["method"]["settings"]["min_size"] == 4
+    )
+    for got, want in zip(read.boxes, loaded.boxes, strict=True):
+        np.testing.assert_array_equal(got, want)
     again = build_cache(records, SS, cache, workers=2, shard_size=2, progress=False)
     assert again["computed"] == 0 and again["reused"] == 3
     with np.load(shard_path(cache, 0), allow_pickle=False) as shard:  # plain arrays, no pickle
@@ -89,6 +95,8 @@ def test_data_set_change_invalidates(tmp_path: Path) -> None:
     cv2.imwrite(records[1].file_name, blocky_image(seed=99)[:, :, ::-1])  # same name, new content
     with pytest.raises(ProposalCacheError, match="changed: dataset"):
         load_cache(records, SS, cache)
+    with pytest.raises(ProposalCacheError, match="changed: dataset"):
+        read_cache(records, cache)
     assert build_cache(records, SS, cache, workers=1, shard_size=2, progress=False)["computed"] == 2
     np.testing.assert_array_equal(load_cache(records, SS, cache).boxes[1], expected_ss(records[1:2], SS)[0])
     with pytest.raises(ProposalCacheError, match="changed: dataset, num_images"):

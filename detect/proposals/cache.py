@@ -296,6 +296,24 @@ def _build_union_shards(
 # ---- reading ----------------------------------------------------------------------------------
 
 
+def read_cache(
+    records: Sequence[DetectionRecord], cache_dir: str | Path
+) -> tuple[ProposalSet, dict[str, Any]]:
+    """Read whatever method a complete cache holds (for consumers such as train_det that point at a
+    cache built by tools/propose.py), checking that it was built from exactly these images.
+
+    Returns the proposals and the manifest (``manifest["method"]`` says what they are).
+    """
+    cache_dir = Path(cache_dir)
+    manifest = _read_manifest(cache_dir)
+    if manifest is None:
+        raise ProposalCacheError(f"{cache_dir}: no proposal cache here; {RERUN}")
+    parts = manifest.get("parts", {})
+    if parts.get("dataset") != dataset_fingerprint(records) or parts.get("num_images") != len(records):
+        raise ProposalCacheError(f"{cache_dir}: stale proposal cache (changed: dataset); {RERUN}")
+    return _read_shards(records, cache_dir, manifest), manifest
+
+
 def load_cache(
     records: Sequence[DetectionRecord], method: ProposalMethod, cache_dir: str | Path
 ) -> ProposalSet:
@@ -309,8 +327,15 @@ def load_cache(
     if manifest.get("fingerprint") != fingerprint:
         changed = ", ".join(_changed_parts(manifest.get("parts", {}), parts))
         raise ProposalCacheError(f"{cache_dir}: stale proposal cache (changed: {changed}); {RERUN}")
+    return _read_shards(records, cache_dir, manifest)
+
+
+def _read_shards(
+    records: Sequence[DetectionRecord], cache_dir: Path, manifest: dict[str, Any]
+) -> ProposalSet:
     if not manifest.get("complete"):
         raise ProposalCacheError(f"{cache_dir}: proposal cache incomplete (interrupted?); {RERUN}")
+    fingerprint = manifest["fingerprint"]
     boxes: list[np.ndarray] = []
     scores: list[np.ndarray] = []
     seconds: list[np.ndarray] = []
