@@ -70,13 +70,13 @@ def coverage_stats(
 
 def format_table(results: Mapping[str, Mapping[str, Any]], title: str) -> str:
     """Plain-text table, one row per method."""
-    header = (
-        f"{'method':28s} {'recall@0.5':>10s} {'recall@0.7':>10s} {'MABO':>6s} {'props/img':>9s} {'s/img':>6s}"
-    )
+    width = max([len(name) for name in results] + [6])
+    columns = f"{'recall@0.5':>10s} {'recall@0.7':>10s} {'MABO':>6s} {'props/img':>9s} {'s/img':>6s}"
+    header = f"{'method':{width}s} {columns}"
     lines = [title, header, "-" * len(header)]
     for name, s in results.items():
         lines.append(
-            f"{name:28s} {100 * s['recall@0.5']:9.1f}% {100 * s['recall@0.7']:9.1f}% {s['mabo']:6.3f} "
+            f"{name:{width}s} {100 * s['recall@0.5']:9.1f}% {100 * s['recall@0.7']:9.1f}% {s['mabo']:6.3f} "
             f"{s['proposals_per_image']:9.1f} {s['seconds_per_image']:6.3f}"
         )
     return "\n".join(lines)
