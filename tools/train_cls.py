@@ -37,6 +37,7 @@ from backbone.runtime.log import run_tool, setup_logging
 from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
 from backbone.runtime.paths import default_run_dir, resolve_data_path
 from backbone.runtime.trainer import CHECKPOINT_NAME, fit
+from backbone.transforms import train_transform as make_train_transform
 from backbone.weights import save_model
 
 logger = logging.getLogger("train_cls")
@@ -55,13 +56,15 @@ class DataConfig:
     image_size: int = 128
     split: Literal["auto", "folders", "stratified"] = "auto"
     val_fraction: float = 0.2
-    split_seed: int = 0
+    split_seed: int = 0  # also seeds the synthetic images; augmentation follows the top-level seed
     strict: bool = False  # True: the first undecodable image stops the run
     cache: bool = False  # decode every image once into RAM (small sets)
     dedupe: bool = True
     val_labels: str | None = None
     synthetic_train_size: int = 8000
     synthetic_val_size: int = 1600
+    train_scale: tuple[float, float] | None = None  # crop area range; None: (0.08, 1), synthetic (0.35, 1)
+    train_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range (the paper's)
     workers: int = 2
     eval_batch_size: int = 64
 
@@ -162,6 +165,11 @@ def data_root(cfg: TrainClsConfig) -> Path | None:
 def build_data(cfg: TrainClsConfig):
     data = cfg.data
     root = data_root(cfg)
+    train_tf = None  # None: the data module's default, the paper's augmentation
+    if tuple(data.train_ratio) != (3 / 4, 4 / 3):
+        # Same pipeline with another aspect range; the scale default mirrors backbone.data's.
+        scale = data.train_scale or ((0.35, 1.0) if root is None else (0.08, 1.0))
+        train_tf = make_train_transform(data.image_size, scale=scale, ratio=data.train_ratio)
     try:
         train_ds, val_ds, class_names = build_classification_datasets(
             root,
@@ -169,17 +177,20 @@ def build_data(cfg: TrainClsConfig):
             split=data.split,
             val_fraction=data.val_fraction,
             seed=data.split_seed,
+            augment_seed=cfg.seed,
             strict=data.strict,
             cache=data.cache,
             dedupe=data.dedupe,
             val_labels=data.val_labels,
             synthetic_train_size=data.synthetic_train_size,
             synthetic_val_size=data.synthetic_val_size,
+            train_scale=data.train_scale,
+            train_transform=train_tf,
         )
     except (ValueError, FileNotFoundError) as exc:  # the data module's one-line "PATH: problem" errors
         raise UserError(str(exc).splitlines()[0]) from None
     meta = {
-        "root": str(root) if root is not None else None,
+        "root": data.root,  # as configured ("$SHARED_DATA/..."), so eval_cls resolves it on its machine
         "image_size": data.image_size,
         "split": data.split,
         "val_fraction": data.val_fraction,

@@ -358,6 +358,9 @@ def fit(
                     "stopped (%s) after epoch %d; checkpoint %s", stop.signal_name, epoch + 1, ckpt_path
                 )
                 return FitResult(epoch + 1, global_step, True, stop.signal_name, last)
+    if not last and evaluate is not None:  # resumed a finished run: still report the final metrics
+        eval_model = ema.module if ema is not None else unwrap_model(model)
+        last = {f"val_{k}": v for k, v in evaluate(eval_model).items()}
     return FitResult(max(epochs, start_epoch), global_step, False, None, last)
 
 
