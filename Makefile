@@ -2,6 +2,9 @@
 # Each creates .venv and installs the project into it when missing (or when pyproject.toml changed).
 
 PYTHON ?= python3
+# OpenMP threads sleep instead of spinning while they wait: with data-loader workers or a second
+# process on a small CPU, spinning threads slowed training about 20x here (README, "Speed").
+export OMP_WAIT_POLICY ?= PASSIVE
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed

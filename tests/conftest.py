@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads OpenMP: sleeping rather than spinning at barriers. Tests start subprocesses
+# (torchrun ranks, data-loader workers) beside a 2-thread main process; with spinning threads that
+# oversubscription slowed GoogLeNet training steps about 20x on a 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
