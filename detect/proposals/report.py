@@ -93,9 +93,13 @@ def plot_recall_curves(results: Mapping[str, Mapping[str, Any]], path: str | Pat
     for ax, t in zip(axes[0], ("0.5", "0.7"), strict=True):
         for name, s in results.items():
             curve = s[f"curve@{t}"]
-            # Beyond a method's own count the curve is flat; stop it there to show the count.
-            xs = [int(c) for c in curve if int(c) <= max(s["proposals_per_image"], 1) * 1.5]
-            ax.plot(xs, [100 * curve[str(x)] for x in xs], "o-", markersize=3, label=name)
+            # Beyond a method's own count the curve is flat: stop there, so the count shows.
+            xs = [int(c) for c in curve if int(c) < s["proposals_per_image"]]
+            ys = [100 * curve[str(x)] for x in xs]
+            # The last point: every proposal (at the method's mean count per image).
+            xs.append(max(s["proposals_per_image"], 1))
+            ys.append(100 * s[f"recall@{t}"])
+            ax.plot(xs, ys, "o-", markersize=3, label=name)
         ax.set_xscale("log")
         ax.set_xlabel("proposals per image (first n)")
         ax.set_ylabel(f"recall at IoU {t} (%)")
