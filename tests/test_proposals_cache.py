@@ -198,3 +198,22 @@ def test_multibox_and_union_caches(tmp_path: Path) -> None:
         load_cache(records, multibox, tmp_path / "mb")
     with pytest.raises(ProposalCacheError, match="changed: method"):
         load_cache(records, union, tmp_path / "union")
+
+
+def test_real_images_with_odd_content(tmp_path: Path) -> None:
+    """Fruit images include RGBA PNGs behind .jpg names and photos well over 1000 px."""
+    from conftest import shared_data_dir
+
+    from detect.datasets import open_detection_dataset
+
+    records = open_detection_dataset(shared_data_dir("fruit") / "test")[0].records
+    odd = ["apple_79.jpg", "banana_87.jpg", "apple_81.jpg"]  # two RGBA PNGs, a 1500 x 1749 JPEG
+    picked = [r for r in records if Path(r.file_name).name in odd]
+    assert len(picked) == 3
+    method = SelectiveSearchMethod(ss_settings("fast_x2", max_side=300))
+    build_cache(picked, method, tmp_path / "cache", workers=2, shard_size=2, progress=False)
+    loaded = load_cache(picked, method, tmp_path / "cache")
+    for record, boxes in zip(picked, loaded.boxes, strict=True):
+        assert len(boxes) > 10
+        assert (boxes[:, 2] <= record.width).all() and (boxes[:, 3] <= record.height).all()
+        assert ((boxes[:, 2:] - boxes[:, :2]) >= 20).all()  # min_size in original pixels
