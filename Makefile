@@ -26,7 +26,7 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(PY) tools/train_cls.py
+	$(PY) tools/train_cls.py --config configs/cls/synthetic_tiny.yaml
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check .
