@@ -127,20 +127,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: all defaults)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
-    )
-    parser.add_argument("--out", type=Path, default=None, help="run directory (default runs/<config stem>)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--overwrite", action="store_true", help="start over even if OUT has a checkpoint")
-    parser.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="stop after this many optimizer steps in total, with a resumable checkpoint (smoke tests)",
-    )
-    return parser
+    return cfglib.add_run_args(parser)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

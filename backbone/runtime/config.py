@@ -10,6 +10,7 @@ Errors are :class:`UserError` with one line naming the source (file or ``--set``
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -251,3 +252,21 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_to_plain(v) for v in value]
     return value
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command-line arguments every training tool shares: config, overrides, run directory, resume."""
+    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: all defaults)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default runs/<config stem>)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true", help="start over even if OUT has a checkpoint")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps in total, with a resumable checkpoint (smoke tests)",
+    )
+    return parser
