@@ -95,16 +95,20 @@ def check_fits(model: GoogLeNet, state_dict: dict[str, torch.Tensor], source: st
 def load_state(model: GoogLeNet, path: str | Path, strict: bool = True) -> dict[str, Any]:
     """Load a model file (ours, or a bare state_dict) into ``model``; returns the file's meta."""
     blob = read_weights_file(path)
+    _load_blob(model, blob, str(path), strict)
+    return dict(blob.get("meta", {})) if "model" in blob else {}
+
+
+def _load_blob(model: GoogLeNet, blob: dict[str, Any], source: str, strict: bool = True) -> None:
     state_dict = blob["model"] if "model" in blob and isinstance(blob["model"], dict) else blob
-    check_fits(model, state_dict, str(path))
+    check_fits(model, state_dict, source)
     if not model.aux_logits:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("aux1.", "aux2."))}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if strict and (missing or unexpected):
         raise WeightsError(
-            f"{path}: does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"{source}: does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return dict(blob.get("meta", {})) if "model" in blob else {}
 
 
 def load_model(
@@ -123,7 +127,7 @@ def load_model(
         transform_input=meta.get("transform_input", False),
         init_weights=False,
     )
-    load_state(model, path)
+    _load_blob(model, blob, str(path))  # the blob already read: the file is read once
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model, meta
