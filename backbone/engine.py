@@ -34,10 +34,11 @@ def classification_loss(
     aux_weight: float = AUX_WEIGHT,
     label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``(loss, parts)``: cross-entropy of the main head plus ``aux_weight`` x each aux head's."""
-    main = F.cross_entropy(outputs.logits, targets, label_smoothing=label_smoothing)
+    """``(loss, parts)``: cross-entropy of the main head plus ``aux_weight`` x each aux head's,
+    in fp32 even when the logits come from a bf16/fp16 autocast forward pass."""
+    main = F.cross_entropy(outputs.logits.float(), targets, label_smoothing=label_smoothing)
     aux_losses = [
-        F.cross_entropy(aux, targets, label_smoothing=label_smoothing)
+        F.cross_entropy(aux.float(), targets, label_smoothing=label_smoothing)
         for aux in (outputs.aux1, outputs.aux2)
         if aux is not None
     ]

@@ -5,7 +5,8 @@ step (same model, same batch size, one fixed batch reused, no loading), in the s
                                          [--steps 20] [--rounds 3]
 
 Both sides run the identical training step of tools/train_cls.py (channels_last forward with aux
-heads, aux-weighted loss, backward, SGD update, LR schedule, EMA update). Rounds alternate
+heads, aux-weighted loss, backward, SGD update, LR schedule, EMA update, in the config's
+``train.precision``). Rounds alternate
 (bare, pipeline, bare, pipeline, ...) so load from other processes hits both sides alike; the
 median round of each is reported. Target (issue 3): pipeline throughput within 10% of the bare step,
 i.e. ratio >= 0.90. Each pipeline round starts a fresh epoch iterator, as training does once per
@@ -32,6 +33,7 @@ from backbone.runtime import config as cfglib
 from backbone.runtime.loader import ResumableLoader
 from backbone.runtime.log import run_tool
 from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
+from backbone.runtime.precision import MixedPrecision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +61,9 @@ def load_train_cls_module() -> Any:
     return module
 
 
-def timed_round(batches: Iterator[Any], step_fn, model, optimizer, scheduler, ema, steps: int, warmup: int):
+def timed_round(
+    batches: Iterator[Any], step_fn, precision, model, optimizer, scheduler, ema, steps: int, warmup: int
+):
     """Images/s over ``steps`` training steps after ``warmup`` untimed ones."""
     model.train()
     images = 0
@@ -68,10 +72,10 @@ def timed_round(batches: Iterator[Any], step_fn, model, optimizer, scheduler, em
         if i == warmup:
             start = time.perf_counter()
             images = 0
-        out = step_fn(model, batch)
+        with precision.autocast():
+            out = step_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
+        precision.backward_and_step(out.loss, optimizer, model.parameters())
         scheduler.step()
         ema.update(model, i + 1)
         images += out.batch_size
@@ -93,17 +97,15 @@ def main(args: argparse.Namespace) -> int:
     optimizer = build_sgd(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = build_lr_scheduler(optimizer, lr_factor_fn("constant", 1, 1))
     step_fn = classification_step(torch.device("cpu"), cfg.train.aux_weight, channels_last=cfg.channels_last)
+    precision = MixedPrecision(cfg.train.precision, torch.device("cpu"))
     fixed = next(iter(loader.epoch_batches(0)))
+    timing = (precision, model, optimizer, scheduler, ema, args.steps, args.warmup)
 
     bare, piped = [], []
     for round_index in range(args.rounds):
-        bare.append(
-            timed_round(
-                itertools.repeat(fixed), step_fn, model, optimizer, scheduler, ema, args.steps, args.warmup
-            )
-        )
+        bare.append(timed_round(itertools.repeat(fixed), step_fn, *timing))
         batches = loader.epoch_batches(round_index)
-        piped.append(timed_round(batches, step_fn, model, optimizer, scheduler, ema, args.steps, args.warmup))
+        piped.append(timed_round(batches, step_fn, *timing))
         del batches  # shut this round's workers down before the next bare round
         print(f"round {round_index + 1}: bare {bare[-1]:.1f} img/s, with data pipeline {piped[-1]:.1f} img/s")
     bare_median, piped_median = statistics.median(bare), statistics.median(piped)
@@ -111,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"config {args.config} {' '.join(args.overrides)}: {cfg.model.variant} {cfg.data.image_size} px, "
         f"batch {cfg.train.batch_size}, {cfg.data.workers} loader worker(s), cache={cfg.data.cache}, "
-        f"threads={torch.get_num_threads()}"
+        f"threads={torch.get_num_threads()}, precision {cfg.train.precision}"
     )
     print(f"bare step:          {bare_median:7.1f} img/s")
     print(f"with data pipeline: {piped_median:7.1f} img/s")

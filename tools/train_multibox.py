@@ -100,6 +100,7 @@ class TrainConfig:
     match: Literal["predictions", "priors"] = "predictions"  # what |l - g| is measured from
     warmup_epochs: float = 0.5
     grad_clip_norm: float | None = 10.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: faster steps on an AVX512-BF16 CPU
     eval_every: int = 1
     log_interval: int = 10
     recall_top_k: tuple[int, ...] = (10, 50, 200)
@@ -202,7 +203,10 @@ def multibox_step(device: torch.device, alpha: float, priors: torch.Tensor | Non
     def compute(model: torch.nn.Module, batch) -> StepOutput:
         images, boxes = batch
         pred_boxes, logits = model(images.to(device, memory_format=memory_format))
-        parts = multibox_loss(pred_boxes, logits, [b.to(device) for b in boxes], alpha, priors)
+        # Matching and loss in fp32, whatever the autocast precision of the forward pass.
+        parts = multibox_loss(
+            pred_boxes.float(), logits.float(), [b.to(device) for b in boxes], alpha, priors
+        )
         metrics = {"loc": float(parts["loc"].detach()), "conf": float(parts["conf"].detach())}
         return StepOutput(loss=parts["loss"], batch_size=int(images.shape[0]), metrics=metrics)
 
@@ -317,6 +321,7 @@ def train(cfg: TrainMultiBoxConfig, args: argparse.Namespace, run_dir: Path, inf
         eval_every=cfg.train.eval_every,
         log_interval=cfg.train.log_interval,
         grad_clip_norm=cfg.train.grad_clip_norm,
+        precision=cfg.train.precision,
         max_steps=args.max_steps,
     )
     if result.stopped:

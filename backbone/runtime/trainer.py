@@ -34,6 +34,7 @@ from backbone.runtime.dist import all_reduce_sum, any_rank, barrier, get_world_s
 from backbone.runtime.errors import UserError
 from backbone.runtime.loader import ResumableLoader
 from backbone.runtime.log import MetricsWriter, Progress, plot_curves
+from backbone.runtime.precision import MixedPrecision
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -94,12 +95,14 @@ def train_epoch(
     stop: StopRequest | None = None,
     max_steps: int | None = None,
     grad_clip_norm: float | None = None,
+    precision: MixedPrecision | None = None,
     log_interval: int = 20,
     metrics: MetricsWriter | None = None,
     desc: str = "train",
 ) -> EpochOutcome:
     """Run the remaining steps of one epoch; return early (``stopped``) when a stop is requested."""
     model.train()
+    precision = precision or MixedPrecision("fp32", torch.device("cpu"))
     sums = dict(sums or {})
     interval: dict[str, float] = {}
     step = start_step
@@ -111,12 +114,10 @@ def train_epoch(
     tick = time.perf_counter()
     for batch in progress:
         loaded = time.perf_counter()
-        out = compute_loss(model, batch)
+        with precision.autocast():
+            out = compute_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        optimizer.step()
+        precision.backward_and_step(out.loss, optimizer, model.parameters(), grad_clip_norm)
         lr = optimizer.param_groups[0]["lr"]
         lr_scheduler.step()
         step += 1
@@ -171,6 +172,7 @@ def training_checkpoint(
     loader: ResumableLoader,
     config: Mapping[str, Any],
     epoch_sums: Mapping[str, float],
+    precision: MixedPrecision | None = None,
 ) -> dict[str, Any]:
     """The plain-dict checkpoint that :func:`fit` writes (loadable with weights_only=True)."""
     return {
@@ -190,6 +192,7 @@ def training_checkpoint(
             "start_index": step * loader.batch_size,
         },
         "epoch_sums": dict(epoch_sums),
+        "grad_scaler": precision.state_dict() if precision is not None else None,
     }
 
 
@@ -202,6 +205,7 @@ def restore_training(
     ema: Averager | None,
     loader: ResumableLoader,
     source: str,
+    precision: MixedPrecision | None = None,
 ) -> None:
     """Load every piece of state saved by :func:`training_checkpoint`, RNG last."""
     sampler = checkpoint["sampler"]
@@ -220,6 +224,8 @@ def restore_training(
         if checkpoint.get("ema") is None:
             raise UserError(f"{source}: checkpoint has no EMA weights but this run uses EMA")
         ema.load_state_dict(checkpoint["ema"])
+    if precision is not None:
+        precision.load_state_dict(checkpoint.get("grad_scaler"))
     restore_rng_state(checkpoint["rng"])
 
 
@@ -239,6 +245,7 @@ def fit(
     eval_every: int = 1,
     log_interval: int = 20,
     grad_clip_norm: float | None = None,
+    precision: str = "fp32",
     max_steps: int | None = None,
     keep_every: int = 0,
 ) -> FitResult:
@@ -246,9 +253,12 @@ def fit(
 
     Writes ``run_dir/checkpoint.pt`` (every epoch and when stopped by SIGTERM/SIGINT or
     ``max_steps``; also ``checkpoint_epochNNN.pt`` every ``keep_every`` epochs), ``metrics.jsonl``
-    and ``curves.png``. With ``resume``, continues from ``run_dir/checkpoint.pt``.
+    and ``curves.png``. With ``resume``, continues from ``run_dir/checkpoint.pt``. ``precision``
+    (fp32, bf16, fp16) sets the autocast of the training forward pass (backbone.runtime.precision);
+    ``evaluate`` chooses its own.
     """
     run_dir = Path(run_dir)
+    mixed_precision = MixedPrecision(precision, next(model.parameters()).device)
     ckpt_path = run_dir / CHECKPOINT_NAME
     start_epoch, start_step, global_step, sums = 0, 0, 0, {}
     if resume:
@@ -266,6 +276,7 @@ def fit(
             ema=ema,
             loader=train_loader,
             source=str(ckpt_path),
+            precision=mixed_precision,
         )
         start_epoch, start_step, global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
         sums = dict(ckpt.get("epoch_sums") or {})
@@ -292,6 +303,7 @@ def fit(
                 loader=train_loader,
                 config=config,
                 epoch_sums=epoch_sums,
+                precision=mixed_precision,
             )
             save_checkpoint(ckpt_path, state)
             if step == 0 and keep_every > 0 and epoch % keep_every == 0:
@@ -316,6 +328,7 @@ def fit(
                 stop=stop,
                 max_steps=max_steps,
                 grad_clip_norm=grad_clip_norm,
+                precision=mixed_precision,
                 log_interval=log_interval,
                 metrics=metrics,
                 desc=f"epoch {epoch + 1}/{epochs}",
