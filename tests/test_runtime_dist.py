@@ -65,6 +65,20 @@ def test_loader_resumes_mid_epoch_with_identical_batches(workers):
     assert not torch.equal(other_epoch, full[0])
 
 
+def test_persistent_workers_follow_the_epoch():
+    # Workers outlive the epoch (persistent_workers): each batch must still be that epoch's, as in
+    # the main process, including after a mid-epoch restart on the same loader.
+    reference = ResumableLoader(NoisyDataset(), 4, seed=5, num_workers=0)
+    loader = ResumableLoader(NoisyDataset(), 4, seed=5, num_workers=1)
+    assert loader.loader.persistent_workers
+    for epoch, start in ((0, 0), (1, 0), (2, 3), (1, 1)):
+        got = list(loader.epoch_batches(epoch, start))
+        want = [b.clone() for b in reference.epoch_batches(epoch, start)]
+        assert len(got) == len(want) == 5 - start
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_loading_in_the_main_process_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(4)

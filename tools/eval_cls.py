@@ -28,6 +28,7 @@ from backbone.cls_eval import classification_report, predict_multi_crop, save_co
 from backbone.data import SPLITS, CorruptImageError, build_classification_datasets
 from backbone.inference import fuse_for_inference
 from backbone.runtime import UserError, resolve_data_path, run_tool, setup_logging
+from backbone.runtime.loader import limit_worker_threads
 from backbone.transforms import CROP_COUNTS, MultiCropTransform
 from backbone.weights import load_model
 
@@ -159,7 +160,13 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
         val_ds.transform = MultiCropTransform(size, args.crops, train_size=size)
         model = model if args.no_fuse else fuse_for_inference(model)
         model = model.to(memory_format=torch.channels_last)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=args.workers, shuffle=False)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=args.workers,
+            shuffle=False,
+            worker_init_fn=limit_worker_threads,  # OpenCV's own threads would fight the model's
+        )
         tick = time.perf_counter()
         with tqdm(total=len(dataset), desc=path.name, unit="img") as bar:
             try:
