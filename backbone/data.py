@@ -109,6 +109,8 @@ class ImageClassificationDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.transform, "set_epoch"):  # e.g. ProgressiveResizeTransform
+            self.transform.set_epoch(epoch)
 
     def load_image(self, index: int) -> np.ndarray:
         """The decoded uint8 RGB image of sample ``index`` (raises ``ImageDecodeError``)."""
@@ -262,12 +264,14 @@ def build_classification_datasets(
     return datasets[0], datasets[1], class_names
 
 
+def default_train_scale(synthetic: bool) -> tuple[float, float]:
+    """Crop area range: the paper's 8%-100% for photos. An 8% crop of a synthetic image often
+    misses its single object entirely, hence 35% there."""
+    return (0.35, 1.0) if synthetic else (0.08, 1.0)
+
+
 def _default_train_transform(image_size: int, synthetic: bool, scale: tuple[float, float] | None) -> Callable:
-    # An 8% crop of a synthetic image often misses its single object entirely; real photos
-    # (and the paper's recipe) keep the 8% lower bound.
-    if scale is None:
-        scale = (0.35, 1.0) if synthetic else (0.08, 1.0)
-    return make_train_transform(image_size, scale=tuple(scale))
+    return make_train_transform(image_size, scale=tuple(scale or default_train_scale(synthetic)))
 
 
 __all__ = [
@@ -275,5 +279,6 @@ __all__ = [
     "DataSetError",
     "ImageClassificationDataset",
     "build_classification_datasets",
+    "default_train_scale",
     "SPLITS",
 ]

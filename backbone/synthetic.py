@@ -350,6 +350,8 @@ class SyntheticShapesDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.transform, "set_epoch"):  # e.g. ProgressiveResizeTransform
+            self.transform.set_epoch(epoch)
 
     @property
     def targets(self) -> list[int]:

@@ -118,6 +118,45 @@ def train_transform(
     return ImageTransform(A.Compose(steps))
 
 
+def progressive_size(
+    epoch: int, epochs: int, min_size: int, max_size: int, ramp: tuple[float, float], multiple: int = 16
+) -> int:
+    """Training size for ``epoch`` under progressive resizing (as FFCV's ImageNet recipes): ``min_size``
+    until the fraction ``ramp[0]`` of the epochs, then linearly up to ``max_size`` at ``ramp[1]``,
+    rounded down to a multiple of ``multiple`` (never below ``min_size``); ``max_size`` after."""
+    start, end = ramp
+    progress = min(max((epoch / max(epochs, 1) - start) / max(end - start, 1e-9), 0.0), 1.0)
+    size = min_size + (max_size - min_size) * progress
+    return max_size if progress >= 1.0 else max(min_size, int(size) // multiple * multiple)
+
+
+class ProgressiveResizeTransform:
+    """A training transform whose output size follows the epoch (``set_epoch``): small, cheap
+    images early, the full size at the end. Wraps one ``ImageTransform`` per size, built on demand
+    by ``make_transform(size)``; ``size_for_epoch(epoch)`` is the schedule."""
+
+    def __init__(self, make_transform, size_for_epoch) -> None:
+        self.make_transform = make_transform
+        self.size_for_epoch = size_for_epoch
+        self._by_size: dict[int, ImageTransform] = {}
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.size = self.size_for_epoch(epoch)
+        if self.size not in self._by_size:
+            self._by_size[self.size] = self.make_transform(self.size)
+        self.current = self._by_size[self.size]
+
+    def set_random_state(self, np_rng: np.random.Generator, py_rng: random.Random) -> None:
+        self.current.compose.set_random_state(np_rng, py_rng)
+
+    def __call__(self, image: np.ndarray, sample_seed: Sequence[int] | None = None):
+        return self.current(image, sample_seed)
+
+    def __repr__(self) -> str:
+        return f"ProgressiveResizeTransform(size={self.size}, {self.current!r})"
+
+
 class EvalTransform:
     """Resize the shorter side to ``eval_resize_size(image_size)``, centre crop, normalise:
     ``transform(image) -> (3, S, S)`` float32. It is exactly the 1-crop test of ``multi_crop``, so

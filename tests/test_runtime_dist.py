@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 
 from backbone.runtime import dist as rdist
 from backbone.runtime.loader import ResumableLoader, SeededSamples, build_eval_loader, sample_seed
+from backbone.synthetic import SyntheticShapesDataset
+from backbone.transforms import ProgressiveResizeTransform, train_transform
 
 
 class NoisyDataset(Dataset):
@@ -77,6 +79,16 @@ def test_persistent_workers_follow_the_epoch():
         assert len(got) == len(want) == 5 - start
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
+
+
+def test_persistent_workers_resize_progressively_by_epoch():
+    # The epoch reaches the worker's copy of the data set, and through it the transform's size.
+    transform = ProgressiveResizeTransform(train_transform, lambda epoch: (16, 24, 32)[epoch])
+    data = SyntheticShapesDataset(8, render_size=40, seed=0, transform=transform)
+    loader = ResumableLoader(data, 4, seed=0, num_workers=1)
+    for epoch, size in ((0, 16), (1, 24), (2, 32), (0, 16)):
+        images, _ = next(iter(loader.epoch_batches(epoch)))
+        assert images.shape == (4, 3, size, size)
 
 
 def test_loading_in_the_main_process_leaves_global_rng_alone():

@@ -141,6 +141,8 @@ def load_tool():
         (["--set", "data.root=/nonexistent/flowers"], "data set folder not found: /nonexistent/flowers"),
         (["--config", "configs/cls/missing.yaml"], "missing.yaml: config file not found"),
         (["--resume"], "no checkpoint to resume from"),
+        (["--set", "data.min_image_size=64"], "data.min_image_size must be in 1..32, got 64"),
+        (["--set", "data.resize_ramp=[0.5, 0.2]"], "data.resize_ramp must satisfy 0 <= start < end <= 1"),
     ],
 )
 def test_user_errors_in_process(tmp_path, capsys, monkeypatch, extra, message):

@@ -14,11 +14,13 @@ from backbone.transforms import (
     INTERPOLATIONS,
     CropSpec,
     MultiCropTransform,
+    ProgressiveResizeTransform,
     eval_resize_size,
     eval_transform,
     multi_crop,
     multi_crop_specs,
     normalize_crops,
+    progressive_size,
     train_transform,
 )
 
@@ -44,6 +46,25 @@ def test_train_augmentation_is_a_pure_function_of_the_sample_seed():
     transform(image, sample_seed=(9, 9, 9))  # other draws in between change nothing
     assert torch.equal(a, transform(image, sample_seed=(1, 2, 3)))
     assert not torch.equal(a, transform(image, sample_seed=(1, 2, 4)))
+
+
+def test_progressive_size_ramps_in_multiples_of_16_and_ends_at_full_size():
+    sizes = [progressive_size(e, 10, 96, 128, ramp=(0.2, 0.7)) for e in range(10)]
+    # flat at 96 until 20% of the epochs, 128 from 70% on; 96 + 32 * (e/10 - 0.2) / 0.5 in between
+    assert sizes == [96, 96, 96, 96, 96, 112, 112, 128, 128, 128]
+    assert progressive_size(0, 10, 100, 100, ramp=(0.0, 0.5)) == 100
+
+
+def test_progressive_resize_transform_follows_the_epoch_and_the_sample_seed():
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    transform = ProgressiveResizeTransform(train_transform, lambda epoch: 24 + 8 * epoch)
+    assert transform(image, sample_seed=(0, 0, 1)).shape == (3, 24, 24)
+    transform.set_epoch(2)
+    a = transform(image, sample_seed=(0, 2, 1))
+    assert a.shape == (3, 40, 40)
+    transform.set_epoch(0)
+    transform.set_epoch(2)  # a size already built is reused, draws unchanged
+    assert torch.equal(a, transform(image, sample_seed=(0, 2, 1)))
 
 
 def test_train_crops_interpolations_and_flips_follow_the_paper():

@@ -19,6 +19,7 @@ import random
 import signal
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from backbone import googlenet
-from backbone.data import CorruptImageError, build_classification_datasets
+from backbone.data import CorruptImageError, build_classification_datasets, default_train_scale
 from backbone.ema import ModelEma
 from backbone.engine import classification_step, evaluate
 from backbone.runtime import config as cfglib
@@ -37,6 +38,7 @@ from backbone.runtime.log import run_tool, setup_logging
 from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
 from backbone.runtime.paths import default_run_dir, resolve_data_path
 from backbone.runtime.trainer import CHECKPOINT_NAME, fit
+from backbone.transforms import ImageTransform, ProgressiveResizeTransform, progressive_size
 from backbone.transforms import train_transform as make_train_transform
 from backbone.weights import save_model
 
@@ -65,6 +67,12 @@ class DataConfig:
     synthetic_val_size: int = 1600
     train_scale: tuple[float, float] | None = None  # crop area range; None: (0.08, 1), synthetic (0.35, 1)
     train_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range (the paper's)
+    # Progressive resizing: train at min_image_size first, ramping linearly to image_size over the
+    # fraction resize_ramp of the epochs (multiples of 16). Cheaper early epochs; None: off.
+    min_image_size: int | None = None
+    resize_ramp: tuple[float, float] = (0.0, 0.75)
+    # brightness, contrast, saturation, hue (backbone.transforms.train_transform)
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.05)
     workers: int = 2
     eval_batch_size: int = 64
 
@@ -150,14 +158,40 @@ def data_root(cfg: TrainClsConfig) -> Path | None:
     return root
 
 
+def check_progressive_resize(data: DataConfig) -> None:
+    if data.min_image_size is not None and not 0 < data.min_image_size <= data.image_size:
+        raise UserError(f"data.min_image_size must be in 1..{data.image_size}, got {data.min_image_size}")
+    if not 0.0 <= data.resize_ramp[0] < data.resize_ramp[1] <= 1.0:
+        raise UserError(f"data.resize_ramp must satisfy 0 <= start < end <= 1, got {list(data.resize_ramp)}")
+
+
 def build_data(cfg: TrainClsConfig):
     data = cfg.data
     root = data_root(cfg)
-    train_tf = None  # None: the data module's default, the paper's augmentation
-    if tuple(data.train_ratio) != (3 / 4, 4 / 3):
-        # Same pipeline with another aspect range; the scale default mirrors backbone.data's.
-        scale = data.train_scale or ((0.35, 1.0) if root is None else (0.08, 1.0))
-        train_tf = make_train_transform(data.image_size, scale=scale, ratio=data.train_ratio)
+    brightness, contrast, saturation, hue = data.color_jitter
+    scale = data.train_scale or default_train_scale(synthetic=root is None)
+
+    def augmentation(size: int) -> ImageTransform:
+        return make_train_transform(
+            size,
+            scale=scale,
+            ratio=data.train_ratio,
+            brightness=brightness,
+            contrast=contrast,
+            saturation=saturation,
+            hue=hue,
+        )
+
+    train_tf = augmentation(data.image_size)
+    if data.min_image_size is not None:
+        sizes = partial(
+            progressive_size,
+            epochs=cfg.train.epochs,
+            min_size=data.min_image_size,
+            max_size=data.image_size,
+            ramp=data.resize_ramp,
+        )
+        train_tf = ProgressiveResizeTransform(augmentation, sizes)
     try:
         train_ds, val_ds, class_names = build_classification_datasets(
             root,
@@ -172,7 +206,6 @@ def build_data(cfg: TrainClsConfig):
             val_labels=data.val_labels,
             synthetic_train_size=data.synthetic_train_size,
             synthetic_val_size=data.synthetic_val_size,
-            train_scale=data.train_scale,
             train_transform=train_tf,
         )
     except (ValueError, FileNotFoundError) as exc:  # the data module's one-line "PATH: problem" errors
@@ -198,7 +231,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"{run_dir / CHECKPOINT_NAME} exists: pass --resume to continue or --overwrite")
     if args.resume and not (run_dir / CHECKPOINT_NAME).is_file():
         raise UserError(f"{run_dir / CHECKPOINT_NAME}: no checkpoint to resume from")
-    data_root(cfg)  # fail on a missing data set before creating the run directory
+    data_root(cfg)  # fail on a missing data set or a bad setting before creating the run directory
+    check_progressive_resize(cfg.data)
     info = init_distributed(cfg.device)
     try:
         return train(cfg, args, run_dir, info)
