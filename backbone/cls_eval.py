@@ -24,16 +24,20 @@ from backbone.transforms import normalize_crops
 def predict_multi_crop(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    max_crops_per_forward: int = 256,
+    max_crops_per_forward: int = 64,
     progress=None,
+    bf16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(probabilities (M, C) float64, labels (M,) int64)``: softmax averaged over each image's crops.
 
     Crops go through the model in chunks of at most ``max_crops_per_forward`` (bounded memory for
-    144 crops), normalised and in channels_last layout. ``model`` must return logits or an object
-    with a ``logits`` attribute (``GoogLeNetOutputs``); it is put in eval mode.
+    144 crops; on a 2-core CPU 64 crops of 128 px ran 1.2x as fast as 256), normalised and in
+    channels_last layout, under bfloat16 autocast when ``bf16`` (2x faster on an AVX512-BF16 CPU).
+    ``model`` must return logits or an object with a ``logits`` attribute (``GoogLeNetOutputs``);
+    it is put in eval mode.
     """
     model.eval()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     all_probs, all_labels = [], []
     for crops, labels in batches:
         if crops.ndim == 4:  # a single crop per image: (B, S, S, 3)
@@ -42,7 +46,8 @@ def predict_multi_crop(
         flat = crops.reshape(num_images * num_crops, *crops.shape[2:])
         chunks = []
         for start in range(0, flat.shape[0], max_crops_per_forward):
-            out = model(normalize_crops(flat[start : start + max_crops_per_forward]))
+            with autocast:
+                out = model(normalize_crops(flat[start : start + max_crops_per_forward]))
             logits = out.logits if hasattr(out, "logits") else out
             chunks.append(torch.softmax(logits.float(), dim=1))
         probs = torch.cat(chunks).reshape(num_images, num_crops, -1).mean(dim=1)

@@ -70,6 +70,11 @@ def test_softmax_is_averaged_over_each_images_crops():
         expected = torch.softmax(crops.mean(dim=(2, 3)) * 4, dim=1).mean(dim=0)
         np.testing.assert_allclose(probs[i], expected.numpy(), rtol=1e-5)
     assert not np.allclose(probs[0], probs[1])
+    torch.manual_seed(0)
+    with_conv = nn.Sequential(nn.Conv2d(3, 3, 1), MeanColour())
+    low, _ = predict_multi_crop(with_conv, loader, bf16=True)
+    full, _ = predict_multi_crop(with_conv, loader)
+    assert not np.array_equal(low, full) and np.allclose(low, full, atol=0.02)  # bf16 reached the conv
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true", help="stop at the first undecodable image")
     parser.add_argument("--no-fuse", action="store_true", help="do not fold BatchNorm for inference")
     parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast: about 2x faster on CPUs with AVX512-BF16"
+    )
+    parser.add_argument(
         "--save-probs",
         action="store_true",
         help="also write probs.npz: labels, each model's and the ensemble's",
@@ -170,7 +173,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
         tick = time.perf_counter()
         with tqdm(total=len(dataset), desc=path.name, unit="img") as bar:
             try:
-                probs, labels = predict_multi_crop(model, loader, progress=bar)
+                probs, labels = predict_multi_crop(model, loader, progress=bar, bf16=args.bf16)
             except CorruptImageError as err:
                 raise UserError(str(err)) from None
         seconds = time.perf_counter() - tick
@@ -194,6 +197,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     report = classification_report(probs, labels, class_names)
     result = {
         "crops": args.crops,
+        "precision": "bf16" if args.bf16 else "fp32",
         "checkpoints": per_model,
         "data_root": str(settings["root"]) if settings["root"] else "synthetic",
         "seconds": time.perf_counter() - start,
