@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # albumentations asks PyPI for a newer version on every import (in every spawned worker); training
@@ -135,7 +135,9 @@ class ProgressiveResizeTransform:
     images early, the full size at the end. Wraps one ``ImageTransform`` per size, built on demand
     by ``make_transform(size)``; ``size_for_epoch(epoch)`` is the schedule."""
 
-    def __init__(self, make_transform, size_for_epoch) -> None:
+    def __init__(
+        self, make_transform: Callable[[int], ImageTransform], size_for_epoch: Callable[[int], int]
+    ) -> None:
         self.make_transform = make_transform
         self.size_for_epoch = size_for_epoch
         self._by_size: dict[int, ImageTransform] = {}

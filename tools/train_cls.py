@@ -182,8 +182,9 @@ def build_data(cfg: TrainClsConfig):
             hue=hue,
         )
 
-    train_tf = augmentation(data.image_size)
-    if data.min_image_size is not None:
+    if data.min_image_size is None:
+        train_tf = augmentation(data.image_size)
+    else:
         sizes = partial(
             progressive_size,
             epochs=cfg.train.epochs,
