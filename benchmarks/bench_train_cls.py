@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     bare_median, piped_median = statistics.median(bare), statistics.median(piped)
     ratio = piped_median / bare_median
     print(
-        f"config {args.config} {' '.join(args.overrides)}: {cfg.model.variant} {cfg.data.image_size} px, "
+        f"config {args.config} {' '.join(args.overrides)}: {cfg.model.variant} {fixed[0].shape[-1]} px, "
         f"batch {cfg.train.batch_size}, {cfg.data.workers} loader worker(s), cache={cfg.data.cache}, "
         f"threads={torch.get_num_threads()}, precision {cfg.train.precision}"
     )
