@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2
 
 from backbone.googlenet import GoogLeNetOutputs
 from backbone.runtime.dist import all_reduce_sum
@@ -35,7 +36,8 @@ def classification_loss(
     label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``(loss, parts)``: cross-entropy of the main head plus ``aux_weight`` x each aux head's,
-    in fp32 even when the logits come from a bf16/fp16 autocast forward pass."""
+    in fp32 even when the logits come from a bf16/fp16 autocast forward pass. ``targets``: class
+    indices (B,) or class probabilities (B, K), e.g. from ``batch_mix``."""
     main = F.cross_entropy(outputs.logits.float(), targets, label_smoothing=label_smoothing)
     aux_losses = [
         F.cross_entropy(aux.float(), targets, label_smoothing=label_smoothing)
@@ -47,20 +49,46 @@ def classification_loss(
     return loss, {"loss_main": float(main.detach()), "loss_aux": float(aux.detach())}
 
 
+BatchMix = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def batch_mix(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> BatchMix | None:
+    """MixUp and/or CutMix on whole batches (torchvision.transforms.v2), one of the enabled two drawn
+    per batch: ``mix(images, labels) -> (mixed images, (B, num_classes) soft targets)``. None when
+    both alphas are 0. The draws come from torch's global RNG, which checkpoints save and restore."""
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup/cutmix alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
+    mixes = [
+        mix(alpha=alpha, num_classes=num_classes)
+        for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha))
+        if alpha > 0
+    ]
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
 def classification_step(
     device: torch.device,
     aux_weight: float = AUX_WEIGHT,
     label_smoothing: float = 0.0,
     channels_last: bool = True,
+    mix: BatchMix | None = None,
 ) -> Callable[[nn.Module, Any], StepOutput]:
-    """The ``compute_loss`` for the training loop: batch ``(images, labels)`` -> StepOutput."""
+    """The ``compute_loss`` for the training loop: batch ``(images, labels)`` -> StepOutput. With
+    ``mix`` (``batch_mix``) the loss is taken against the mixed soft targets; the logged top-1
+    still counts the unmixed label."""
 
     def compute(model: nn.Module, batch: Any) -> StepOutput:
         images, labels = batch
+        targets = labels
+        if mix is not None:
+            images, targets = mix(images, labels)
         images = to_device(images, device, channels_last)
         labels = labels.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
         outputs = model(images)
-        loss, parts = classification_loss(outputs, labels, aux_weight, label_smoothing)
+        loss, parts = classification_loss(outputs, targets, aux_weight, label_smoothing)
         top1 = (outputs.logits.detach().argmax(1) == labels).float().mean().item() * 100.0
         return StepOutput(loss=loss, batch_size=int(labels.shape[0]), metrics=parts | {"top1": top1})
 
@@ -79,11 +107,12 @@ def train_one_epoch(
     aux_weight: float = AUX_WEIGHT,
     label_smoothing: float = 0.0,
     channels_last: bool = True,
+    mix: BatchMix | None = None,
     **loop_options: Any,
 ) -> EpochOutcome:
     """One epoch of classification training (see ``backbone.runtime.trainer.train_epoch`` for
     ``start_step``, ``ema``, ``stop``, ``max_steps``, ``metrics`` and the other loop options)."""
-    step = classification_step(device, aux_weight, label_smoothing, channels_last)
+    step = classification_step(device, aux_weight, label_smoothing, channels_last, mix)
     return train_epoch(
         model,
         batches,

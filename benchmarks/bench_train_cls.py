@@ -4,15 +4,14 @@ step (same model, same batch size, one fixed batch reused, no loading), in the s
     python benchmarks/bench_train_cls.py [--config configs/cls/flowers_bn_128.yaml] [--set KEY=VALUE]
                                          [--steps 20] [--rounds 3]
 
-Both sides run the identical training step of tools/train_cls.py (channels_last forward with aux
-heads, aux-weighted loss, backward, SGD update, LR schedule, EMA update, in the config's
-``train.precision``). Rounds alternate
-(bare, pipeline, bare, pipeline, ...) so load from other processes hits both sides alike; the
-median round of each is reported. Target (issue 3): pipeline throughput within 10% of the bare step,
-i.e. ratio >= 0.90. Each pipeline round starts a fresh epoch iterator, as training does once per
-epoch; the first ``--warmup`` batches of every round are not timed. With progressive resizing
-(``data.min_image_size``) both sides run at the size of epoch 0; pass ``--set data.min_image_size=null``
-to time the full size.
+Both sides run the identical training step of tools/train_cls.py (MixUp/CutMix when configured,
+channels_last forward with aux heads, aux-weighted loss, backward, SGD update, LR schedule, EMA
+update, in the config's ``train.precision``). Rounds alternate (bare, pipeline, bare, pipeline, ...)
+so load from other processes hits both sides alike; the median round of each is reported. Target
+(issue 3): pipeline throughput within 10% of the bare step, i.e. ratio >= 0.90. Each pipeline round
+starts a fresh epoch iterator, as training does once per epoch; the first ``--warmup`` batches of
+every round are not timed. With progressive resizing (``data.min_image_size``) both sides run at the
+size of epoch 0; pass ``--set data.min_image_size=null`` to time the full size.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import torch
 
 from backbone import googlenet
 from backbone.ema import ModelEma
-from backbone.engine import classification_step
+from backbone.engine import batch_mix, classification_step
 from backbone.runtime import config as cfglib
 from backbone.runtime.loader import ResumableLoader
 from backbone.runtime.log import run_tool
@@ -98,7 +97,10 @@ def main(args: argparse.Namespace) -> int:
     ema = ModelEma(model, decay=cfg.ema.decay)
     optimizer = build_sgd(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = build_lr_scheduler(optimizer, lr_factor_fn("constant", 1, 1))
-    step_fn = classification_step(torch.device("cpu"), cfg.train.aux_weight, channels_last=cfg.channels_last)
+    mix = batch_mix(len(class_names), cfg.train.mixup_alpha, cfg.train.cutmix_alpha)
+    step_fn = classification_step(
+        torch.device("cpu"), cfg.train.aux_weight, channels_last=cfg.channels_last, mix=mix
+    )
     precision = MixedPrecision(cfg.train.precision, torch.device("cpu"))
     fixed = next(iter(loader.epoch_batches(0)))
     timing = (precision, model, optimizer, scheduler, ema, args.steps, args.warmup)

@@ -24,6 +24,16 @@ TINY = [
     "--set", "train.batch_size=8", "--set", "train.epochs=2", "--set", "data.workers=0",
     "--set", "data.eval_batch_size=8", "--set", "threads=1", "--set", "train.log_interval=2",
 ]  # fmt: skip
+# Deterministic, with MixUp and CutMix on: exact resume must also restore the RNG they draw from.
+EXACT = [
+    *TINY,
+    "--set",
+    "deterministic=true",
+    "--set",
+    "train.mixup_alpha=0.2",
+    "--set",
+    "train.cutmix_alpha=1.0",
+]
 
 
 def train_cls(*args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
@@ -49,7 +59,7 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 def full_run(tmp_path_factory) -> Path:
     """One uninterrupted tiny run in deterministic mode, shared by the tests below."""
     out = tmp_path_factory.mktemp("train_cls") / "full"
-    assert_ok(train_cls(*TINY, "--set", "deterministic=true", "--out", str(out)))
+    assert_ok(train_cls(*EXACT, "--out", str(out)))
     return out
 
 
@@ -77,16 +87,16 @@ def test_tiny_run_writes_the_run_directory(full_run):
     assert json.loads((out / "summary.json").read_text())["val_top1"] == meta["val"]["top1"]
     config_text = (out / "config.yaml").read_text()
     assert "image_size: 32" in config_text and "deterministic: true" in config_text
+    assert "cutmix_alpha: 1.0" in config_text
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted_bit_for_bit(full_run, tmp_path):
-    exact = [*TINY, "--set", "deterministic=true"]
     # 48 images / batch 8 = 6 steps per epoch: stop in the middle of the second epoch.
-    assert_ok(train_cls(*exact, "--out", str(tmp_path / "cut"), "--max-steps", "9"))
+    assert_ok(train_cls(*EXACT, "--out", str(tmp_path / "cut"), "--max-steps", "9"))
     partial = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert (partial["epoch"], partial["step"], partial["global_step"]) == (1, 3, 9)
     assert not (tmp_path / "cut" / "model.pt").exists()
-    assert_ok(train_cls(*exact, "--out", str(tmp_path / "cut"), "--resume"))
+    assert_ok(train_cls(*EXACT, "--out", str(tmp_path / "cut"), "--resume"))
     full = load_checkpoint(full_run / "checkpoint.pt")
     resumed = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert resumed["global_step"] == full["global_step"] == 12
@@ -143,6 +153,7 @@ def load_tool():
         (["--resume"], "no checkpoint to resume from"),
         (["--set", "data.min_image_size=64"], "data.min_image_size must be in 1..32, got 64"),
         (["--set", "data.resize_ramp=[0.5, 0.2]"], "data.resize_ramp must satisfy 0 <= start < end <= 1"),
+        (["--set", "train.cutmix_alpha=-1"], "train.mixup_alpha and train.cutmix_alpha must be >= 0"),
     ],
 )
 def test_user_errors_in_process(tmp_path, capsys, monkeypatch, extra, message):

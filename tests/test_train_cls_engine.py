@@ -1,4 +1,4 @@
-"""EMA math, learning-rate schedules, the aux-weighted loss, evaluation and the SGD setup."""
+"""EMA math, learning-rate schedules, the aux-weighted loss, MixUp/CutMix, evaluation and the SGD setup."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from backbone import GoogLeNetOutputs
 from backbone.ema import ModelEma
-from backbone.engine import classification_loss, evaluate
+from backbone.engine import batch_mix, classification_loss, classification_step, evaluate
 from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
 
 
@@ -102,6 +102,59 @@ def test_loss_is_main_plus_weighted_aux():
         assert parts["loss_main"] == pytest.approx(ce(main, targets).item(), rel=1e-6)
     loss, parts = classification_loss(GoogLeNetOutputs(main, None, None), targets)  # no aux heads
     assert loss.item() == pytest.approx(ce(main, targets).item()) and parts["loss_aux"] == 0.0
+
+
+def test_loss_takes_soft_targets_as_probabilities():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 2, 1])
+    outputs = GoogLeNetOutputs(*(torch.randn(3, 4) for _ in range(3)))
+    one_hot = nn.functional.one_hot(labels, 4).float()
+    hard, _ = classification_loss(outputs, labels, label_smoothing=0.1)
+    soft, _ = classification_loss(outputs, one_hot, label_smoothing=0.1)
+    assert soft.item() == pytest.approx(hard.item(), rel=1e-6)
+
+
+def test_batch_mix_is_off_by_default_and_rejects_negative_alpha():
+    assert batch_mix(5) is None
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        batch_mix(5, cutmix_alpha=-1.0)
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_batch_mix_blends_pairs_of_images_and_their_labels(kind):
+    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    labels = torch.tensor([0, 1, 2, 3])
+    mix = batch_mix(4, **{f"{kind}_alpha": 1.0})
+    torch.manual_seed(3)
+    mixed, targets = mix(images, labels)
+    torch.manual_seed(3)
+    again, _ = mix(images, labels)
+    assert torch.equal(mixed, again)  # the draws follow torch's global RNG (restored on resume)
+    assert targets.shape == (4, 4) and torch.allclose(targets.sum(1), torch.ones(4))
+    # Each image is its own label's share of itself plus one partner's: the pixel mean of image i
+    # (pixel value = label) is the target-weighted mean of the labels.
+    label_mean = targets @ torch.arange(4, dtype=torch.float32)
+    assert torch.allclose(mixed.mean(dim=(1, 2, 3)), label_mean, atol=1e-5)
+    assert (targets > 0).sum(1).max() <= 2 and not torch.equal(mixed, images)
+
+
+def test_step_mixes_before_the_forward_and_logs_top1_of_the_unmixed_label():
+    seen = {}
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            seen["images"] = x
+            return GoogLeNetOutputs(torch.zeros(x.shape[0], 3), None, None)
+
+    def swap(images, labels):  # a stand-in mix: the second half of the batch gets the first's images
+        targets = nn.functional.one_hot(labels.flip(0), 3).float()
+        return images.flip(0), targets
+
+    images = torch.arange(2, dtype=torch.float32).view(2, 1, 1, 1).expand(2, 3, 4, 4)
+    step = classification_step(torch.device("cpu"), mix=swap)
+    out = step(Recorder(), (images, torch.tensor([0, 1])))
+    assert torch.equal(seen["images"][:, 0, 0, 0], torch.tensor([1.0, 0.0]))
+    assert out.loss.item() == pytest.approx(math.log(3)) and out.metrics["top1"] == 50.0
 
 
 class FixedLogits(nn.Module):

@@ -29,7 +29,7 @@ import torch
 from backbone import googlenet
 from backbone.data import CorruptImageError, build_classification_datasets, default_train_scale
 from backbone.ema import ModelEma
-from backbone.engine import classification_step, evaluate
+from backbone.engine import batch_mix, classification_step, evaluate
 from backbone.runtime import config as cfglib
 from backbone.runtime.dist import cleanup_distributed, init_distributed, is_main_process
 from backbone.runtime.errors import UserError
@@ -110,6 +110,10 @@ class TrainConfig:
     batch_size: int = 32  # per process
     aux_weight: float = 0.3
     label_smoothing: float = 0.0
+    # Batch-level MixUp / CutMix (Beta(alpha, alpha) mixing; 0: off; both on: one drawn per batch),
+    # as torchvision's reference recipes (0.2 / 1.0 there).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
     grad_clip_norm: float | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: ~1.8x faster steps on an AVX512-BF16 CPU
     eval_every: int = 1
@@ -156,6 +160,12 @@ def data_root(cfg: TrainClsConfig) -> Path | None:
     if root is not None and not root.is_dir():
         raise UserError(f"data.root: data set folder not found: {root} (set SHARED_DATA or data.root)")
     return root
+
+
+def check_batch_mix(train: TrainConfig) -> None:
+    if train.mixup_alpha < 0 or train.cutmix_alpha < 0:
+        alphas = f"{train.mixup_alpha}, {train.cutmix_alpha}"
+        raise UserError(f"train.mixup_alpha and train.cutmix_alpha must be >= 0, got {alphas}")
 
 
 def check_progressive_resize(data: DataConfig) -> None:
@@ -234,6 +244,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"{run_dir / CHECKPOINT_NAME}: no checkpoint to resume from")
     data_root(cfg)  # fail on a missing data set or a bad setting before creating the run directory
     check_progressive_resize(cfg.data)
+    check_batch_mix(cfg.train)
     info = init_distributed(cfg.device)
     try:
         return train(cfg, args, run_dir, info)
@@ -305,7 +316,11 @@ def train(cfg: TrainClsConfig, args: argparse.Namespace, run_dir: Path, info) ->
             lr_scheduler=lr_scheduler,
             train_loader=train_loader,
             compute_loss=classification_step(
-                info.device, cfg.train.aux_weight, cfg.train.label_smoothing, cfg.channels_last
+                info.device,
+                cfg.train.aux_weight,
+                cfg.train.label_smoothing,
+                cfg.channels_last,
+                mix=batch_mix(len(class_names), cfg.train.mixup_alpha, cfg.train.cutmix_alpha),
             ),
             epochs=cfg.train.epochs,
             run_dir=run_dir,
