@@ -26,7 +26,8 @@ from backbone.runtime.dist import barrier, cleanup_distributed, init_distributed
 from backbone.runtime.errors import UserError
 from backbone.runtime.log import run_tool, setup_logging
 from backbone.runtime.paths import default_run_dir, resolve_data_path
-from detect.datasets import DetectionDataset, open_detection_dataset
+from detect.datasets import DetectionDataset
+from detect.datasets.spec import DatasetSpec, open_dataset_spec
 from detect.proposals.cache import ProposalCacheError, ProposalSet, build_cache, load_cache
 from detect.proposals.methods import (
     MultiBoxMethod,
@@ -39,14 +40,6 @@ from detect.proposals.report import coverage_stats, write_report
 from detect.proposals.selective_search import filter_ranked_boxes, ss_settings
 
 logger = logging.getLogger("propose")
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    path: str  # COCO json, VOC root, ILSVRC root or image+XML folder; "$SHARED_DATA/..." is expanded
-    names_file: str | None = None  # split list for a folder (csv with 'filename', or txt)
-    image_set: str | None = None  # VOC / ILSVRC image set
-    image_root: str | None = None  # COCO images (default: beside the json)
 
 
 @dataclass(frozen=True)
@@ -71,7 +64,7 @@ class MultiBoxConfig:
 @dataclass(frozen=True)
 class ProposeConfig:
     name: str = "dataset"
-    splits: dict[str, SplitConfig] = field(default_factory=dict)
+    splits: dict[str, DatasetSpec] = field(default_factory=dict)
     method: Literal["ss", "multibox", "both"] = "both"
     ss: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)
     multibox: MultiBoxConfig = field(default_factory=MultiBoxConfig)
@@ -97,12 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_split(cfg: ProposeConfig, split: str) -> DetectionDataset:
     spec = cfg.splits[split]
-    dataset, report = open_detection_dataset(
-        resolve_data_path(spec.path),
-        image_set=spec.image_set,
-        image_root=resolve_data_path(spec.image_root) if spec.image_root else None,
-        names_file=resolve_data_path(spec.names_file) if spec.names_file else None,
-    )
+    dataset, report = open_dataset_spec(spec)
     logger.info("%s/%s: %d images; %s", cfg.name, split, len(dataset.records), report)
     return dataset
 

@@ -36,7 +36,8 @@ from backbone.runtime.optim import build_lr_scheduler, lr_factor_fn
 from backbone.runtime.paths import default_run_dir, resolve_data_path
 from backbone.runtime.trainer import CHECKPOINT_NAME, StepOutput, fit
 from backbone.weights import WeightsError, load_model
-from detect.datasets import DetectionRecord, open_detection_dataset
+from detect.datasets import DetectionRecord
+from detect.datasets.spec import DatasetSpec, open_dataset_spec
 from detect.proposals.multibox import (
     MultiBoxArch,
     MultiBoxNet,
@@ -52,16 +53,8 @@ logger = logging.getLogger("train_multibox")
 
 
 @dataclass(frozen=True)
-class SplitConfig:
-    path: str  # COCO json, VOC root, ILSVRC root or image+XML folder; "$SHARED_DATA/..." is expanded
-    names_file: str | None = None  # split list for a folder (csv with 'filename', or txt)
-    image_set: str | None = None  # VOC / ILSVRC image set
-    image_root: str | None = None  # COCO images (default: beside the json)
-
-
-@dataclass(frozen=True)
 class DataConfig:
-    train: tuple[SplitConfig, ...] = ()
+    train: tuple[DatasetSpec, ...] = ()
     val_fraction: float = 0.1  # held out of the training images for validation
     split_seed: int = 0
     image_size: int = 224
@@ -125,18 +118,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return cfglib.add_run_args(parser)
 
 
-def load_records(splits: tuple[SplitConfig, ...]) -> list[DetectionRecord]:
+def load_records(splits: tuple[DatasetSpec, ...]) -> list[DetectionRecord]:
     """All records of the listed splits, with image ids renumbered to stay unique across sets."""
     if not splits:
         raise UserError("data.train: no training data set given")
     records: list[DetectionRecord] = []
     for split in splits:
-        dataset, report = open_detection_dataset(
-            resolve_data_path(split.path),
-            image_set=split.image_set,
-            image_root=resolve_data_path(split.image_root) if split.image_root else None,
-            names_file=resolve_data_path(split.names_file) if split.names_file else None,
-        )
+        dataset, report = open_dataset_spec(split)
         logger.info("%s: %d images; %s", split.path, len(dataset.records), report)
         for record in dataset.records:
             record.image_id = len(records) + 1
