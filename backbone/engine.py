@@ -86,7 +86,7 @@ def classification_step(
             images, targets = mix(images, labels)
         images = to_device(images, device, channels_last)
         labels = labels.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        targets = labels if mix is None else targets.to(device, non_blocking=True)
         outputs = model(images)
         loss, parts = classification_loss(outputs, targets, aux_weight, label_smoothing)
         top1 = (outputs.logits.detach().argmax(1) == labels).float().mean().item() * 100.0
