@@ -226,6 +226,7 @@ class GoogLeNet(nn.Module):
         self.num_features = 1024
         self.fc = nn.Linear(self.num_features, num_classes)
 
+        self.frozen_stages: list[str] = []
         self.feature_info = self._trace_feature_info()
         if init_weights:
             self._init_weights()
@@ -287,6 +288,43 @@ class GoogLeNet(nn.Module):
             if name == stage:
                 return x
         raise AssertionError("unreachable")
+
+    def forward_stages(self, x: Tensor, first: str, last: str) -> Tensor:
+        """Run the stages ``first`` .. ``last`` (inclusive) on ``x``, the output of the stage before
+        ``first`` (the input image when ``first`` is the first stage, then ``transform_input`` applies).
+        The detector's shared-feature mode runs the trunk once per image and the rest per region."""
+        names = self.stage_names()
+        for name in (first, last):
+            if name not in names:
+                raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(names)}")
+        start, end = names.index(first), names.index(last)
+        if start > end:
+            raise ValueError(f"stage {first!r} comes after {last!r}")
+        if start == 0:
+            x = self._transform_input(x)
+        for name in names[start : end + 1]:
+            x = getattr(self, name)(x)
+        return x
+
+    def freeze_through(self, stage: str | None) -> None:
+        """Freeze the stages up to and including ``stage`` (None: train everything).
+
+        Frozen stages also keep their BatchNorm statistics: they stay in eval mode in training, so
+        fine-tuning on small region batches does not drift the pretrained statistics.
+        """
+        names = self.stage_names()
+        if stage is not None and stage not in names:
+            raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(names)}")
+        self.frozen_stages = names[: names.index(stage) + 1] if stage is not None else []
+        for name in names:
+            getattr(self, name).requires_grad_(name not in self.frozen_stages)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> GoogLeNet:
+        super().train(mode)
+        for name in getattr(self, "frozen_stages", ()):
+            getattr(self, name).eval()
+        return self
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Global average pool -> dropout -> linear, on ``inception5b`` features."""

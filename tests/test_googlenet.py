@@ -240,3 +240,31 @@ def test_fused_inference_model_gives_the_same_outputs(variant: str) -> None:
 def test_unknown_variant_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown GoogLeNet variant 'resnet'"):
         googlenet("resnet")
+
+
+@pytest.mark.parametrize("variant", ["bn", "paper"])
+def test_forward_stages_in_two_parts_equals_forward_features(variant: str) -> None:
+    model = googlenet(variant, num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        trunk = model.forward_stages(x, "conv1", "inception4e")
+        rest = model.forward_stages(trunk, "maxpool4", "inception5b")
+        torch.testing.assert_close(rest, model.forward_features(x))
+    with pytest.raises(ValueError, match="comes after"):
+        model.forward_stages(x, "inception5b", "conv1")
+
+
+def test_freeze_through_stops_gradients_and_keeps_batch_norm_statistics() -> None:
+    model = googlenet("bn", num_classes=3)
+    model.freeze_through("inception3b")
+    assert not any(p.requires_grad for p in model.inception3b.parameters())
+    assert all(p.requires_grad for p in model.inception4a.parameters())
+    model.train()
+    assert not model.conv1.bn.training and model.inception4a.training
+    before = model.conv1.bn.running_mean.clone()
+    model(torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(model.conv1.bn.running_mean, before)
+    model.freeze_through(None)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="unknown stage"):
+        model.freeze_through("inception9z")

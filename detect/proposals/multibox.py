@@ -137,26 +137,14 @@ class MultiBoxNet(nn.Module):
         self.backbone = backbone
         self.head = head
         self.stage = stage
-        self.frozen_stages: list[str] = []
 
     def freeze_through(self, stage: str | None) -> None:
-        """Freeze the backbone's stages up to and including ``stage`` (None: train everything).
+        """Freeze the backbone's stages up to and including ``stage`` (GoogLeNet.freeze_through)."""
+        self.backbone.freeze_through(stage)
 
-        Frozen stages also keep their BatchNorm statistics: they stay in eval mode in training.
-        """
-        names = self.backbone.stage_names()
-        if stage is not None and stage not in names:
-            raise ValueError(f"unknown backbone stage {stage!r}; choose one of {', '.join(names)}")
-        self.frozen_stages = names[: names.index(stage) + 1] if stage is not None else []
-        for name in names:
-            getattr(self.backbone, name).requires_grad_(name not in self.frozen_stages)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> MultiBoxNet:
-        super().train(mode)
-        for name in self.frozen_stages:
-            getattr(self.backbone, name).eval()
-        return self
+    @property
+    def frozen_stages(self) -> list[str]:
+        return self.backbone.frozen_stages
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.head(self.backbone.forward_features(images, self.stage))
