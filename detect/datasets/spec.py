@@ -3,6 +3,7 @@ that tools/propose.py and tools/train_multibox.py (and the detector after them) 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from backbone.runtime.paths import resolve_data_path
@@ -27,3 +28,30 @@ def open_dataset_spec(spec: DatasetSpec) -> tuple[DetectionDataset, LoadReport]:
         image_root=resolve_data_path(spec.image_root) if spec.image_root else None,
         names_file=resolve_data_path(spec.names_file) if spec.names_file else None,
     )
+
+
+def open_dataset_specs(specs: tuple[DatasetSpec, ...], name: str = "") -> tuple[DetectionDataset, list[str]]:
+    """Several entries as one split (e.g. VOC 2007 + 2012 trainval) and a log line per entry.
+
+    Class names must agree; image ids are kept when unique across the entries, otherwise the
+    records are copied with new ids 1..N (the originals, which a proposal cache fingerprints,
+    stay untouched).
+    """
+    if not specs:
+        raise ValueError("no data set entry given")
+    datasets, lines = [], []
+    for spec in specs:
+        dataset, report = open_dataset_spec(spec)
+        datasets.append(dataset)
+        lines.append(f"{spec.path}: {len(dataset.records)} images; {report}")
+    first = datasets[0]
+    for spec, dataset in zip(specs[1:], datasets[1:], strict=True):
+        if dataset.class_names != first.class_names:
+            raise ValueError(
+                f"{spec.path}: classes {dataset.class_names} differ from "
+                f"{specs[0].path}'s {first.class_names}"
+            )
+    records = [r for d in datasets for r in d.records]
+    if len({r.image_id for r in records}) < len(records):
+        records = [dataclasses.replace(r, image_id=i + 1) for i, r in enumerate(records)]
+    return DetectionDataset(records, first.class_names, first.category_ids, name or first.name), lines

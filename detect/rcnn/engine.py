@@ -1,0 +1,174 @@
+"""The detector's two drivers: the training loss step and inference over a data set.
+
+Inference streams each image's proposals through the network in chunks of ``region_batch`` (memory
+bounded whatever the proposal count), averages the softmax of every model of an ensemble (the
+paper's ensemble of ConvNets), and postprocesses per image. Under torchrun each rank scores its
+share of the images; the evaluator gathers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from backbone.runtime.checkpoint import unwrap_model
+from backbone.runtime.dist import all_gather_object, all_reduce_sum, get_rank
+from backbone.runtime.loader import build_eval_loader
+from backbone.runtime.trainer import StepOutput
+from detect.datasets.records import DetectionDataset
+from detect.evaluation import DetectionEvalResult, DetectionEvaluator
+from detect.rcnn.data import RegionScoringDataset, ScoringSample, collate_scoring
+from detect.rcnn.model import RegionClassifier
+from detect.rcnn.postprocess import postprocess_detections
+
+logger = logging.getLogger(__name__)
+
+
+def rcnn_step(
+    device: torch.device, aux_weight: float = 0.3, channels_last: bool = True
+) -> Callable[[nn.Module, tuple[Tensor, Tensor, Tensor]], StepOutput]:
+    """``compute_loss`` for ``backbone.runtime.trainer.fit``: softmax over C + 1 on the sampled
+    regions, plus ``aux_weight`` times each aux head's loss (as in pretraining)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def compute(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> StepOutput:
+        images, rois, labels = batch
+        labels = labels.to(device)
+        if len(labels) == 0:  # every image of the batch without regions: a zero step, same graph
+            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            return StepOutput(loss=zero, batch_size=0)
+        out = model(images.to(device, memory_format=memory_format), rois.to(device))
+        loss = F.cross_entropy(out.logits, labels)
+        for aux in (out.aux1, out.aux2):
+            if aux is not None and aux_weight:
+                loss = loss + aux_weight * F.cross_entropy(aux, labels)
+        background = unwrap_model(model).num_classes
+        with torch.no_grad():
+            correct = out.logits.argmax(1) == labels
+            fg = labels != background
+            metrics = {
+                "acc": float(correct.float().mean()),
+                "fg_acc": float(correct[fg].float().mean()) if fg.any() else float("nan"),
+                "fg_fraction": float(fg.float().mean()),
+            }
+        return StepOutput(loss=loss, batch_size=len(labels), metrics=metrics)
+
+    return compute
+
+
+@torch.no_grad()
+def region_probs(
+    model: RegionClassifier, image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool = True
+) -> Tensor:
+    """Softmax ``(P, C + 1)`` of every box of one image ``(1, 3, h, w)``, ``region_batch`` at a time."""
+    rows = []
+    image = image.contiguous(memory_format=torch.channels_last) if channels_last else image
+    features = model.trunk_features(image) if model.arch.mode == "shared" else None
+    for start in range(0, len(boxes), region_batch):
+        chunk = boxes[start : start + region_batch]
+        rois = torch.cat([chunk.new_zeros((len(chunk), 1)), chunk], dim=1)
+        if features is None:
+            logits = model.backbone(model.warp(image, rois)).logits
+        else:
+            logits = model.classify_features(features, rois).logits
+        rows.append(F.softmax(logits.float(), dim=1))
+    if not rows:
+        return torch.zeros((0, model.num_classes + 1), device=image.device)
+    return torch.cat(rows)
+
+
+def ensemble_probs(
+    models: Sequence[RegionClassifier], image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool
+) -> Tensor:
+    """The mean of the members' softmax: the paper's ensemble."""
+    probs = [region_probs(m, image, boxes, region_batch, channels_last) for m in models]
+    return torch.stack(probs).mean(0)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    region_batch: int = 128
+    score_threshold: float = 0.01
+    nms_iou: float = 0.3
+    max_per_image: int = 100
+    channels_last: bool = True
+
+
+def detect_sample(
+    models: Sequence[RegionClassifier], sample: ScoringSample, image_id: int, settings: InferenceSettings
+) -> dict:
+    """One scoring sample to ``{image_id, boxes, scores, labels}`` in original image pixels."""
+    device = next(models[0].parameters()).device
+    image = sample.image[None].to(device)
+    boxes = sample.boxes.to(device)
+    probs = ensemble_probs(models, image, boxes, settings.region_batch, settings.channels_last)
+    sx, sy = sample.scale
+    original = boxes / boxes.new_tensor([sx, sy, sx, sy])
+    height, width = round(sample.image.shape[1] / sy), round(sample.image.shape[2] / sx)
+    dets = postprocess_detections(
+        original,
+        probs,
+        (height, width),
+        score_threshold=settings.score_threshold,
+        nms_iou=settings.nms_iou,
+        max_per_image=settings.max_per_image,
+    )
+    return {"image_id": image_id} | {k: v.cpu() for k, v in dets.items()}
+
+
+def inference_on_dataset(
+    models: Sequence[RegionClassifier],
+    dataset: RegionScoringDataset,
+    settings: InferenceSettings,
+    *,
+    workers: int = 0,
+    progress: bool = True,
+) -> tuple[list[dict], list[int]]:
+    """Detections of this rank's share of ``dataset``; also the record indices that could not be decoded."""
+    for model in models:
+        model.eval()
+    loader = build_eval_loader(dataset, 1, num_workers=workers, collate_fn=collate_scoring)
+    predictions: list[dict] = []
+    skipped: list[int] = []
+    bar = tqdm(loader, desc="detect", unit="img", disable=not progress or get_rank() != 0, dynamic_ncols=True)
+    for index, (sample,) in zip(loader.sampler, bar, strict=True):
+        record = dataset.records[index]
+        if sample is None:
+            skipped.append(index)
+            continue
+        predictions.append(detect_sample(models, sample, record.image_id, settings))
+    return predictions, skipped
+
+
+def evaluate_predictions(
+    dataset: DetectionDataset,
+    predictions: Sequence[dict],
+    metrics: Sequence[str],
+    coco_gt: dict | None = None,
+) -> dict[str, DetectionEvalResult]:
+    """Every metric over this rank's predictions (collective: the evaluators gather to rank 0,
+    where the results are returned; other ranks get an empty dict)."""
+    results = {}
+    for metric in metrics:
+        evaluator = DetectionEvaluator(dataset, metric, coco_gt=coco_gt if metric == "coco" else None)
+        evaluator.process(predictions)
+        result = evaluator.evaluate()
+        if result is not None:
+            results[metric] = result
+    return results
+
+
+def gather_predictions(predictions: list[dict]) -> list[dict]:
+    """All ranks' predictions (in rank order) as numpy, for writing one results file."""
+    plain = [{k: (v.numpy() if isinstance(v, Tensor) else v) for k, v in p.items()} for p in predictions]
+    return [p for part in all_gather_object(plain) for p in part]
+
+
+def count_skipped(skipped: list[int]) -> int:
+    return int(all_reduce_sum({"skipped": float(len(skipped))})["skipped"])
