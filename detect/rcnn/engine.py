@@ -63,32 +63,49 @@ def rcnn_step(
 
 
 @torch.no_grad()
-def region_probs(
+def score_regions(
     model: RegionClassifier, image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool = True
-) -> Tensor:
-    """Softmax ``(P, C + 1)`` of every box of one image ``(1, 3, h, w)``, ``region_batch`` at a time."""
-    rows = []
+) -> tuple[Tensor, Tensor | None]:
+    """Softmax ``(P, C + 1)`` of every box of one image ``(1, 3, h, w)``, ``region_batch`` at a time,
+    and the per-class refined boxes ``(P, C, 4)`` when the model carries a box regressor."""
     image = image.contiguous(memory_format=torch.channels_last) if channels_last else image
-    features = model.trunk_features(image) if model.arch.mode == "shared" else None
+    trunk = model.trunk_features(image) if model.arch.mode == "shared" else None
+    regressor = model.box_regressor
+    probs, refined = [], []
     for start in range(0, len(boxes), region_batch):
         chunk = boxes[start : start + region_batch]
         rois = torch.cat([chunk.new_zeros((len(chunk), 1)), chunk], dim=1)
-        if features is None:
-            logits = model.backbone(model.warp(image, rois)).logits
-        else:
-            logits = model.classify_features(features, rois).logits
-        rows.append(F.softmax(logits.float(), dim=1))
-    if not rows:
-        return torch.zeros((0, model.num_classes + 1), device=image.device)
-    return torch.cat(rows)
+        features = model.pooled_features(image, rois, trunk)
+        probs.append(F.softmax(model.backbone.fc(features).float(), dim=1))
+        if regressor is not None:
+            refined.append(regressor(features.float(), chunk.float()))
+    if not probs:
+        empty = torch.zeros((0, model.num_classes + 1), device=image.device)
+        return empty, (torch.zeros((0, model.num_classes, 4)) if regressor is not None else None)
+    return torch.cat(probs), (torch.cat(refined) if refined else None)
+
+
+def region_probs(
+    model: RegionClassifier, image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool = True
+) -> Tensor:
+    return score_regions(model, image, boxes, region_batch, channels_last)[0]
+
+
+def ensemble_scores(
+    models: Sequence[RegionClassifier], image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The mean of the members' softmax (the paper's ensemble) and of the refined boxes of the
+    members that regress boxes."""
+    scored = [score_regions(m, image, boxes, region_batch, channels_last) for m in models]
+    probs = torch.stack([p for p, _ in scored]).mean(0)
+    refined = [r for _, r in scored if r is not None]
+    return probs, (torch.stack(refined).mean(0) if refined else None)
 
 
 def ensemble_probs(
     models: Sequence[RegionClassifier], image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool
 ) -> Tensor:
-    """The mean of the members' softmax: the paper's ensemble."""
-    probs = [region_probs(m, image, boxes, region_batch, channels_last) for m in models]
-    return torch.stack(probs).mean(0)
+    return ensemble_scores(models, image, boxes, region_batch, channels_last)[0]
 
 
 @dataclass(frozen=True)
@@ -107,9 +124,11 @@ def detect_sample(
     device = next(models[0].parameters()).device
     image = sample.image[None].to(device)
     boxes = sample.boxes.to(device)
-    probs = ensemble_probs(models, image, boxes, settings.region_batch, settings.channels_last)
+    probs, refined = ensemble_scores(models, image, boxes, settings.region_batch, settings.channels_last)
     sx, sy = sample.scale
-    original = boxes / boxes.new_tensor([sx, sy, sx, sy])
+    to_original = boxes.new_tensor([sx, sy, sx, sy])
+    original = boxes / to_original
+    class_boxes = refined.to(boxes.device) / to_original if refined is not None else None
     height, width = round(sample.image.shape[1] / sy), round(sample.image.shape[2] / sx)
     dets = postprocess_detections(
         original,
@@ -118,6 +137,7 @@ def detect_sample(
         score_threshold=settings.score_threshold,
         nms_iou=settings.nms_iou,
         max_per_image=settings.max_per_image,
+        class_boxes=class_boxes,
     )
     return {"image_id": image_id} | {k: v.cpu() for k, v in dets.items()}
 

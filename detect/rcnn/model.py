@@ -22,6 +22,7 @@ from torchvision.ops import roi_align
 
 from backbone.googlenet import AUX_AFTER, GoogLeNet, GoogLeNetOutputs
 from backbone.weights import atomic_torch_save, read_weights_file
+from detect.rcnn.box_regression import BoxRegressor
 from detect.rcnn.regions import context_boxes, warp_regions
 
 DETECTOR_FORMAT = "googlenet-rcnn-v1"
@@ -59,6 +60,8 @@ class RegionClassifier(nn.Module):
             self.roi_size, self.feature_stride = self._feature_geometry(backbone, arch)
         self.backbone = backbone
         self.arch = arch
+        # Fitted after training (R-CNN's box regression, optional); saved with the weights.
+        self.box_regressor: BoxRegressor | None = None
 
     @staticmethod
     def _feature_geometry(backbone: GoogLeNet, arch: RegionClassifierArch) -> tuple[int, int]:
@@ -113,14 +116,17 @@ class RegionClassifier(nn.Module):
                 aux[head] = getattr(net, head)(x)
         return GoogLeNetOutputs(net.forward_head(x), aux.get("aux1"), aux.get("aux2"))
 
-    def pooled_features(self, images: Tensor, rois: Tensor) -> Tensor:
-        """The 1024-d pooled features of each region (the classifier's input; SVMs, box regression)."""
+    def pooled_features(self, images: Tensor, rois: Tensor, trunk: Tensor | None = None) -> Tensor:
+        """The 1024-d pooled features of each region: the classifier's input (``fc`` of them gives the
+        logits in eval mode), also used by SVMs and box regression. Shared mode reuses ``trunk``
+        (``trunk_features(images)``) when given."""
         net = self.backbone
         names = net.stage_names()
         if self.arch.mode == "crop":
             x = net.forward_features(self.warp(images, rois), names[-1])
         else:
-            x = self.pool_regions(self.trunk_features(images), rois)
+            trunk = self.trunk_features(images) if trunk is None else trunk
+            x = self.pool_regions(trunk, rois)
             x = net.forward_stages(x, names[names.index(self.arch.trunk_stage) + 1], names[-1])
         return torch.flatten(net.avgpool(x), 1)
 
@@ -159,7 +165,10 @@ def load_detector(path: str | Path) -> tuple[RegionClassifier, dict[str, Any]]:
         raise ValueError(f"{path}: not a detector model file (train one with tools/train_det.py)")
     arch = RegionClassifierArch(**blob["arch"])
     model = build_region_classifier(arch)
-    missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    state = blob["model"]
+    if "box_regressor.weight" in state:
+        model.box_regressor = BoxRegressor(torch.zeros_like(state["box_regressor.weight"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval(), dict(blob["meta"])
