@@ -66,8 +66,9 @@ def rcnn_step(
 def score_regions(
     model: RegionClassifier, image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool = True
 ) -> tuple[Tensor, Tensor | None]:
-    """Softmax ``(P, C + 1)`` of every box of one image ``(1, 3, h, w)``, ``region_batch`` at a time,
-    and the per-class refined boxes ``(P, C, 4)`` when the model carries a box regressor."""
+    """Softmax ``(P, C + 1)`` of every box of one image ``(1, 3, h, w)``, ``region_batch`` at a time
+    (the SVMs' scores instead when the model carries them), and the per-class refined boxes
+    ``(P, C, 4)`` when it carries a box regressor."""
     image = image.contiguous(memory_format=torch.channels_last) if channels_last else image
     trunk = model.trunk_features(image) if model.arch.mode == "shared" else None
     regressor = model.box_regressor
@@ -76,7 +77,10 @@ def score_regions(
         chunk = boxes[start : start + region_batch]
         rois = torch.cat([chunk.new_zeros((len(chunk), 1)), chunk], dim=1)
         features = model.pooled_features(image, rois, trunk)
-        probs.append(F.softmax(model.backbone.fc(features).float(), dim=1))
+        if model.svms is not None:
+            probs.append(model.svms(features.float()))
+        else:
+            probs.append(F.softmax(model.backbone.fc(features).float(), dim=1))
         if regressor is not None:
             refined.append(regressor(features.float(), chunk.float()))
     if not probs:

@@ -24,6 +24,7 @@ from backbone.googlenet import AUX_AFTER, GoogLeNet, GoogLeNetOutputs
 from backbone.weights import atomic_torch_save, read_weights_file
 from detect.rcnn.box_regression import BoxRegressor
 from detect.rcnn.regions import context_boxes, warp_regions
+from detect.rcnn.svm import LinearSVMs
 
 DETECTOR_FORMAT = "googlenet-rcnn-v1"
 
@@ -60,8 +61,9 @@ class RegionClassifier(nn.Module):
             self.roi_size, self.feature_stride = self._feature_geometry(backbone, arch)
         self.backbone = backbone
         self.arch = arch
-        # Fitted after training (R-CNN's box regression, optional); saved with the weights.
+        # Fitted after training (R-CNN's extras, optional); saved with the weights.
         self.box_regressor: BoxRegressor | None = None
+        self.svms: LinearSVMs | None = None
 
     @staticmethod
     def _feature_geometry(backbone: GoogLeNet, arch: RegionClassifierArch) -> tuple[int, int]:
@@ -168,6 +170,8 @@ def load_detector(path: str | Path) -> tuple[RegionClassifier, dict[str, Any]]:
     state = blob["model"]
     if "box_regressor.weight" in state:
         model.box_regressor = BoxRegressor(torch.zeros_like(state["box_regressor.weight"]))
+    if "svms.weight" in state:
+        model.svms = LinearSVMs(torch.zeros_like(state["svms.weight"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
