@@ -7,14 +7,14 @@ caller adds (class names, image size, ...). Everything loads with ``weights_only
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from backbone.googlenet import GoogLeNet
+from backbone.runtime.errors import UserError
+from backbone.runtime.files import atomic_torch_save  # noqa: F401 (re-exported: model files)
 
 TORCHVISION_WEIGHTS_HINT = (
     "download https://download.pytorch.org/models/googlenet-1378be20.pth on a machine with internet "
@@ -22,22 +22,8 @@ TORCHVISION_WEIGHTS_HINT = (
 )
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file that is missing, unreadable or does not fit the model; str() is one line."""
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` to a temporary file beside ``path`` and rename it: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_meta(model: GoogLeNet) -> dict[str, Any]:

@@ -8,10 +8,8 @@ done within ``epoch``), global_step, config, rng, sampler.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
@@ -21,23 +19,12 @@ import numpy as np
 import torch
 
 from backbone.runtime.errors import UserError
+from backbone.runtime.files import atomic_torch_save
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; checkpoints are ordinary files
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -23,7 +23,6 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ import numpy as np
 from tqdm import tqdm
 
 from backbone.runtime.dist import barrier, get_rank, get_world_size
+from backbone.runtime.errors import UserError
+from backbone.runtime.files import atomic_write
 from detect.datasets.records import DetectionRecord
 from detect.proposals.methods import (
     ProposalMethod,
@@ -50,7 +51,7 @@ MANIFEST = "manifest.json"
 RERUN = "build it with tools/propose.py"
 
 
-class ProposalCacheError(ValueError):
+class ProposalCacheError(UserError, ValueError):
     """A cache that cannot be used (stale, incomplete, unreadable) or an image that failed; one line."""
 
 
@@ -106,15 +107,7 @@ def write_shard(
         "seconds": np.array([t for _, _, t in results], dtype=np.float64),
         "fingerprint": np.array(fingerprint),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; caches are ordinary shared files
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def read_shard(path: Path, fingerprint: str, image_ids: np.ndarray) -> dict[str, np.ndarray] | None:

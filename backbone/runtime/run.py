@@ -1,0 +1,116 @@
+"""The run skeleton every training tool shares (train_cls, train_multibox, train_det).
+
+``start_run`` guards the run directory, starts torch.distributed when under torchrun, seeds every
+generator, writes the resolved config and starts logging; the tool then builds its data and
+model and calls ``backbone.runtime.trainer.fit``. ``stop_exit_code`` and ``write_summary`` end it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from backbone.runtime import config as cfglib
+from backbone.runtime.dist import DistInfo, cleanup_distributed, init_distributed, is_main_process
+from backbone.runtime.errors import UserError
+from backbone.runtime.files import atomic_write_text
+from backbone.runtime.log import setup_logging
+from backbone.runtime.paths import default_run_dir
+from backbone.runtime.trainer import CHECKPOINT_NAME, FitResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    dir: Path
+    info: DistInfo
+    device: torch.device
+
+
+def run_directory(args: argparse.Namespace, tool: str) -> Path:
+    """``--out`` or ``runs/<config stem>``, checked against ``--resume`` / ``--overwrite``."""
+    run_dir = Path(args.out) if args.out is not None else default_run_dir(args.config, tool)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if args.resume and not checkpoint.is_file():
+        raise UserError(f"{checkpoint}: no checkpoint to resume from")
+    if not args.resume and not args.overwrite and checkpoint.exists():
+        raise UserError(f"{checkpoint} exists: pass --resume to continue or --overwrite to start over")
+    return run_dir
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+@contextlib.contextmanager
+def start_run(
+    args: argparse.Namespace,
+    cfg: Any,
+    tool: str,
+    *,
+    seed: int,
+    deterministic: bool = False,
+    threads: int | None = None,
+    device: str = "auto",
+) -> Iterator[Run]:
+    run_dir = run_directory(args, tool)
+    info = init_distributed(device)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        seed_everything(seed, deterministic)
+        if is_main_process():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfglib.dump_config(cfg, run_dir / "config.yaml")
+        setup_logging(run_dir)
+        logger.info("run directory %s; %d process(es) on %s", run_dir, info.world_size, info.device)
+        yield Run(run_dir, info, info.device)
+    finally:
+        cleanup_distributed()
+
+
+def wrap_ddp(model: nn.Module, run: Run) -> nn.Module:
+    """DistributedDataParallel under torchrun (one device per process on CUDA), else the model."""
+    if run.info.world_size <= 1:
+        return model
+    device_ids = [run.device.index] if run.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def stop_exit_code(result: FitResult) -> int | None:
+    """128 + signal number for a run stopped by a signal, 0 for ``--max-steps``, None if it finished."""
+    if not result.stopped:
+        return None
+    signum = getattr(signal, result.stop_reason or "", None)
+    return 128 + int(signum) if signum is not None else 0
+
+
+def write_summary(run: Run, summary: Mapping[str, Any], resume: bool) -> None:
+    """Rank 0 writes ``summary.json``; on resume, keys of the earlier summary not given again stay."""
+    if not is_main_process():
+        return
+    path = run.dir / "summary.json"
+    old = json.loads(path.read_text(encoding="utf-8")) if resume and path.is_file() else {}
+    atomic_write_text(path, json.dumps(old | dict(summary), indent=2, default=str) + "\n")

@@ -1,0 +1,153 @@
+"""The proposal section of a config, shared by tools/propose.py, train_det and test_det, and the plan of
+cache directories it implies, so a consumer finds exactly the caches propose.py writes.
+
+Caches live in ``cache_dir/<name>/<split>/<method dir>``: ``ss_<preset>``, ``multibox_top<k>`` and
+their union ``multibox_top<k>+ss_<preset>`` (MultiBox's boxes first, near-duplicates removed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from backbone.runtime.paths import resolve_data_path
+from detect.datasets.records import DetectionRecord
+from detect.proposals.cache import MANIFEST, ProposalCacheError, ProposalSet, build_cache, load_cache
+from detect.proposals.methods import (
+    MultiBoxMethod,
+    ProposalMethod,
+    SelectiveSearchMethod,
+    UnionMethod,
+    default_workers,
+    method_summary,
+)
+from detect.proposals.selective_search import ss_settings
+
+
+@dataclass(frozen=True)
+class SelectiveSearchSpec:
+    preset: str = "fast_x2"  # fast | quality | fast_x2 | quality_x2 (x2: the paper's superpixels x2)
+    base_k: int | None = None  # None: the preset's
+    inc_k: int | None = None
+    sigma: float | None = None
+    max_side: int | None = 500
+    min_size: float = 20.0
+    dedup_iou: float = 1.0
+    max_proposals: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MultiBoxSpec:
+    model: str | None = None  # model.pt written by tools/train_multibox.py
+    top_k: int = 200
+
+
+@dataclass(frozen=True)
+class ProposalSpec:
+    method: Literal["ss", "multibox", "both"] = "ss"  # both: the paper's (needs a MultiBox model)
+    ss: SelectiveSearchSpec = field(default_factory=SelectiveSearchSpec)
+    multibox: MultiBoxSpec = field(default_factory=MultiBoxSpec)
+    union_dedup_iou: float = 0.7  # chosen on fruit test (README, "Region proposals")
+    cache_dir: str = "runs/cache/proposals"
+    workers: int = 0  # processes per torchrun rank; 0: this rank's share of the cores
+    shard_size: int = 16
+
+
+def ss_method(spec: SelectiveSearchSpec, preset: str | None = None) -> SelectiveSearchMethod:
+    """The configured selective search, or ``preset`` with the configured filters (report baseline)."""
+    fields = {k: v for k, v in asdict(spec).items() if k != "preset"}
+    if preset is not None:
+        fields = {k: v for k, v in fields.items() if k not in ("base_k", "inc_k", "sigma")}
+    fields = {k: v for k, v in fields.items() if v is not None or k in ("max_side", "max_proposals")}
+    return SelectiveSearchMethod(ss_settings(preset or spec.preset, **fields))
+
+
+def multibox_method(spec: MultiBoxSpec) -> MultiBoxMethod:
+    if spec.model is None:
+        raise ValueError(
+            "multibox.model: no MultiBox model file given (train one with tools/train_multibox.py)"
+        )
+    path = resolve_data_path(spec.model)
+    if not path.is_file():
+        raise ValueError(f"{path}: MultiBox model file not found")
+    return MultiBoxMethod(str(path), spec.top_k)
+
+
+def plan_caches(
+    spec: ProposalSpec, name: str, split: str, report_baseline: str | None = None
+) -> dict[str, tuple[Path, ProposalMethod]]:
+    """Display name -> (cache directory, method), components before the unions that read them;
+    the last entry is the configured method. ``report_baseline`` adds that plain preset first and
+    every method (the coverage report); a MultiBox row needs a model file."""
+    split_dir = Path(spec.cache_dir) / name / split
+    plan: dict[str, tuple[Path, ProposalMethod]] = {}
+    report = report_baseline is not None
+    if report:
+        plan[f"SS {report_baseline}"] = (
+            split_dir / f"ss_{report_baseline}",
+            ss_method(spec.ss, report_baseline),
+        )
+    ss = ss_method(spec.ss)
+    ss_name = f"SS {spec.ss.preset}"
+    if report or spec.method in ("ss", "both"):
+        plan[ss_name] = (split_dir / f"ss_{spec.ss.preset}", ss)
+    with_multibox = spec.method in ("multibox", "both") or (report and spec.multibox.model is not None)
+    if with_multibox:
+        mb_dir = split_dir / f"multibox_top{spec.multibox.top_k}"
+        mb = multibox_method(spec.multibox)
+        plan["MultiBox"] = (mb_dir, mb)
+        if report or spec.method == "both":
+            union = UnionMethod(((str(mb_dir), mb), (str(plan[ss_name][0]), ss)), spec.union_dedup_iou)
+            plan[f"{ss_name} + MultiBox"] = (split_dir / f"{mb_dir.name}+ss_{spec.ss.preset}", union)
+    if not report and spec.method == "multibox":
+        plan = {"MultiBox": plan["MultiBox"]}
+    return plan
+
+
+def configured_method(spec: ProposalSpec, name: str, split: str) -> tuple[Path, ProposalMethod]:
+    return list(plan_caches(spec, name, split).values())[-1]
+
+
+def proposal_settings(spec: ProposalSpec) -> dict[str, Any]:
+    """The spec as a plain dict (stored in a detector's model file to propose on new images)."""
+    return asdict(spec)
+
+
+def ensure_proposals(
+    records: list[DetectionRecord],
+    spec: ProposalSpec,
+    name: str,
+    split: str,
+    *,
+    rebuild_command: str,
+    progress: bool = True,
+) -> tuple[ProposalSet, dict[str, Any]]:
+    """The configured method's proposals for ``records``: read from its cache, or built (every
+    planned cache, as propose.py would) when there is none. A cache of other images or settings,
+    or an interrupted one, is refused with one line naming ``rebuild_command``."""
+    try:
+        plan = plan_caches(spec, name, split)
+    except ValueError as err:
+        raise ProposalCacheError(f"proposals: {err}") from None
+    directory, method = list(plan.values())[-1]
+    if not (directory / MANIFEST).is_file():
+        for component_dir, component in plan.values():
+            build_cache(
+                records,
+                component,
+                component_dir,
+                workers=spec.workers or default_workers(),
+                shard_size=spec.shard_size,
+                progress=progress,
+            )
+    try:
+        proposals = load_cache(records, method, directory)
+    except ProposalCacheError as err:
+        raise ProposalCacheError(f"{str(err).split('; ')[0]}; rebuild it with {rebuild_command}") from None
+    return proposals, {
+        "directory": str(directory),
+        **method_summary(method),
+        "settings": proposal_settings(spec),
+    }

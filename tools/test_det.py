@@ -1,0 +1,161 @@
+"""Detect on a data set with one trained detector or an ensemble, write COCO results, print per-class AP.
+
+    python tools/test_det.py --checkpoint RUN/model.pt [--checkpoint RUN2/model.pt ...]
+        [--data PATH [--names-file F] [--image-set S] [--name NAME]] [--split test]
+        [--metrics voc,voc07,coco] [--nms-iou 0.3] [--max-per-image 100] [--out DIR]
+    torchrun --nproc_per_node=2 tools/test_det.py --checkpoint ...
+
+Several checkpoints average their region softmax (the paper's ensemble); they must share classes.
+Without ``--data`` the first model's validation split is used, with its proposal settings: the
+cache under ``proposals.cache_dir/NAME/SPLIT`` is read, or built when missing. Writes to ``--out``
+(default ``<first run>/test_<split>``): detections_<split>.json (re-score it with
+tools/eval_det.py), eval_<split>.json / .txt, pr_<split>/*.png and timing.json (seconds per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from backbone.inference import fuse_for_inference
+from backbone.runtime.config import config_from_dict
+from backbone.runtime.dist import cleanup_distributed, init_distributed, is_main_process
+from backbone.runtime.errors import UserError
+from backbone.runtime.log import run_tool, setup_logging
+from detect.datasets.spec import DatasetSpec
+from detect.evaluation import METRICS
+from detect.proposals.spec import ProposalSpec
+from detect.rcnn.data import RegionScoringDataset
+from detect.rcnn.engine import InferenceSettings
+from detect.rcnn.model import load_detector
+from detect.rcnn.pipeline import evaluate_detector, load_split, split_proposals, write_evaluation
+
+logger = logging.getLogger("test_det")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", action="append", required=True, type=Path, help="a train_det model.pt"
+    )
+    parser.add_argument("--data", help="data set path (COCO json, VOC root, ILSVRC root, image+XML folder)")
+    parser.add_argument("--names-file", help="--data folder layouts: split list (.csv or .txt)")
+    parser.add_argument("--image-set", help="--data VOC / ILSVRC image set")
+    parser.add_argument("--image-root", help="--data COCO images folder")
+    parser.add_argument("--name", help="proposal cache name for --data (default: the folder or file stem)")
+    parser.add_argument(
+        "--split", default=None, help="proposal cache split name (default: val, or test with --data)"
+    )
+    parser.add_argument("--metrics", default=None, help=f"comma-separated of {', '.join(METRICS)}")
+    parser.add_argument("--nms-iou", type=float, default=None)
+    parser.add_argument("--score-threshold", type=float, default=None)
+    parser.add_argument("--max-per-image", type=int, default=None)
+    parser.add_argument("--region-batch", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=0, help="data loader workers")
+    parser.add_argument("--no-fuse", action="store_true", help="skip BatchNorm folding (for comparison)")
+    parser.add_argument("--out", type=Path, default=None)
+    return parser
+
+
+def load_models(paths: list[Path], device: torch.device, fuse: bool) -> tuple[list, dict]:
+    models, metas = [], []
+    for path in paths:
+        try:
+            model, meta = load_detector(path)
+        except ValueError as err:  # the loader's one-line "PATH: problem"
+            raise UserError(str(err)) from None
+        if fuse:
+            fuse_for_inference(model.backbone, channels_last=True)
+        models.append(model.to(device).eval())
+        metas.append(meta)
+    first = metas[0]
+    for path, meta in zip(paths[1:], metas[1:], strict=True):
+        if meta["class_names"] != first["class_names"]:
+            raise UserError(
+                f"{path}: classes {meta['class_names']} differ from {paths[0]}'s {first['class_names']}"
+            )
+    return models, first
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging()
+    info = init_distributed("auto")
+    try:
+        return test(args, info.device)
+    finally:
+        cleanup_distributed()
+
+
+def test(args: argparse.Namespace, device: torch.device) -> int:
+    models, meta = load_models(args.checkpoint, device, fuse=not args.no_fuse)
+    config = meta["config"]
+    data, test_cfg = config["data"], dict(config["test"])
+    if args.data is not None:
+        specs = [DatasetSpec(args.data, args.names_file, args.image_set, args.image_root)]
+        name = args.name or Path(args.data).stem
+        split_name = args.split or "test"
+    else:
+        specs = [DatasetSpec(**spec) for spec in data["val"]]
+        name, split_name = data["name"], args.split or "val"
+    split = load_split(
+        specs,
+        split_name,
+        synthetic_root=data["synthetic_root"],
+        synthetic_images=data["synthetic_val_images"],
+        synthetic_image_size=data["synthetic_image_size"],
+        seed=config["seed"],
+    )
+    if split.dataset.class_names != meta["class_names"]:
+        raise UserError(
+            f"{args.data or 'validation split'}: classes {split.dataset.class_names} differ from the "
+            f"model's {meta['class_names']}"
+        )
+    spec = config_from_dict(ProposalSpec, config["proposals"], source=f"{args.checkpoint[0]} proposals")
+    rebuild = f"python tools/propose.py ... --split {split_name} (cache {spec.cache_dir}/{name})"
+    boxes, _ = split_proposals(split, spec, name, rebuild)
+    overrides = {
+        "nms_iou": args.nms_iou,
+        "score_threshold": args.score_threshold,
+        "max_per_image": args.max_per_image,
+        "region_batch": args.region_batch,
+    }
+    test_cfg |= {k: v for k, v in overrides.items() if v is not None}
+    metrics = tuple(args.metrics.split(",")) if args.metrics else tuple(test_cfg["metrics"])
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise UserError(f"--metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
+    settings = InferenceSettings(
+        test_cfg["region_batch"], test_cfg["score_threshold"], test_cfg["nms_iou"], test_cfg["max_per_image"]
+    )
+    dataset = RegionScoringDataset(split.dataset.records, boxes, data["shorter_side"], in_memory=False)
+    started = time.perf_counter()
+    predictions, results = evaluate_detector(models, split, dataset, settings, metrics, workers=args.workers)
+    seconds = time.perf_counter() - started
+    if is_main_process():
+        out = args.out or args.checkpoint[0].parent / f"test_{split_name}"
+        out.mkdir(parents=True, exist_ok=True)
+        print(write_evaluation(out, split_name, split, predictions, results))
+        timing = {
+            "images": len(dataset),
+            "seconds": seconds,
+            "seconds_per_image": seconds / max(len(dataset), 1),
+            "proposals_per_image": sum(len(b) for b in boxes) / max(len(boxes), 1),
+            "models": [str(p) for p in args.checkpoint],
+        }
+        (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n", encoding="utf-8")
+        print(
+            f"{len(dataset)} images in {seconds:.1f} s ({timing['seconds_per_image']:.3f} s/img); wrote {out}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main, get_args_parser().parse_args()))
