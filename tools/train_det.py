@@ -36,6 +36,7 @@ from detect.proposals.spec import ProposalSpec
 from detect.rcnn.build import build_detector, build_optimizer
 from detect.rcnn.data import RegionScoringDataset, RegionTrainDataset, collate_regions
 from detect.rcnn.engine import InferenceSettings, rcnn_step
+from detect.rcnn.extras import train_box_regressor, train_svms
 from detect.rcnn.model import save_detector
 from detect.rcnn.pipeline import (
     DetectionSplit,
@@ -119,6 +120,18 @@ class TestConfig:
 
 
 @dataclass(frozen=True)
+class ExtrasConfig:
+    """R-CNN's extras, fitted on the trained network (the paper's entry used neither)."""
+
+    box_regression: bool = False
+    box_iou: float = 0.6  # proposals with IoU above this train the regressor
+    box_ridge: float = 1000.0
+    svm: bool = False
+    svm_neg_iou: float = 0.3
+    svm_reg: float = 1e-3
+
+
+@dataclass(frozen=True)
 class TrainDetConfig:
     seed: int = 0
     deterministic: bool = False
@@ -132,6 +145,7 @@ class TrainDetConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    extras: ExtrasConfig = field(default_factory=ExtrasConfig)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -267,6 +281,12 @@ def train(cfg: TrainDetConfig, args: argparse.Namespace, run) -> int:
     code = stop_exit_code(result)
     if code is not None:
         return code
+    final_metrics = dict(result.last_metrics)
+    if cfg.extras.box_regression or cfg.extras.svm:
+        final_metrics |= {
+            f"before_extras_{k}": v for k, v in result.last_metrics.items() if k.startswith("val_")
+        }
+        final_metrics |= fit_extras(cfg, model, train_ds, run_eval)
     if is_main_process():
         meta = {
             "class_names": class_names,
@@ -279,16 +299,46 @@ def train(cfg: TrainDetConfig, args: argparse.Namespace, run) -> int:
             },
             "test": cfglib.config_to_dict(cfg.test),
             "trained_from": trained_from,
-            "val": {k[4:]: v for k, v in result.last_metrics.items() if k.startswith("val_")},
+            "val": {k[4:]: v for k, v in final_metrics.items() if k.startswith("val_")},
             "config": config_dict,
         }
         save_detector(run.dir / "model.pt", model, meta)
     if last_eval:
         write_evaluation(run.dir, "val", val_split, last_eval["predictions"], last_eval["results"])
     write_summary(
-        run, {"epochs": result.epoch, "steps": result.global_step, **result.last_metrics}, args.resume
+        run, {"epochs": result.epoch, "steps": result.global_step, **final_metrics}, args.resume
     )
     return 0
+
+
+def fit_extras(cfg: TrainDetConfig, model, train_ds: RegionTrainDataset, run_eval) -> dict[str, float]:
+    """Fit the configured extras on the trained model, attach them and evaluate again."""
+    model.eval()
+    extras = cfg.extras
+    if extras.svm:
+        model.svms = train_svms(
+            model,
+            train_ds.records,
+            train_ds.proposals,
+            train_ds.images,
+            neg_iou=extras.svm_neg_iou,
+            reg=extras.svm_reg,
+            seed=cfg.seed,
+            channels_last=cfg.channels_last,
+        )
+    if extras.box_regression:
+        model.box_regressor = train_box_regressor(
+            model,
+            train_ds.records,
+            train_ds.proposals,
+            train_ds.images,
+            min_iou=extras.box_iou,
+            ridge=extras.box_ridge,
+            channels_last=cfg.channels_last,
+        )
+    after = {f"val_{k}": v for k, v in run_eval(model).items()}
+    logger.info("with extras: %s", ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
+    return after
 
 
 def headline(result) -> dict[str, float]:
