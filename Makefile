@@ -26,7 +26,7 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(PY) tools/train_cls.py --config configs/cls/synthetic_tiny.yaml
+	$(PY) tools/demo.py
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check .

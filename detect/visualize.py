@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from backbone.image_io import read_image_rgb  # noqa: E402
+
 _PALETTE = np.array(
     [
         (230, 25, 75),
@@ -83,5 +85,35 @@ def save_pr_curves(
         path = out_dir / f"pr_{index:03d}_{_file_safe(name)}.png"
         fig.savefig(path)
         plt.close(fig)
+        written.append(path)
+    return written
+
+
+def save_detection_pictures(
+    records,
+    predictions: dict[int, dict],
+    class_names: list[str],
+    out_dir: str | Path,
+    *,
+    max_images: int = 8,
+    score_threshold: float = 0.3,
+) -> list[Path]:
+    """For the first ``max_images`` records: ground truth (left) beside the detections scoring at
+    least ``score_threshold`` (right), one PNG each. ``predictions``: image id -> boxes, scores, labels."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for record in list(records)[:max_images]:
+        image = read_image_rgb(record.file_name)
+        pred = predictions.get(int(record.image_id), {})
+        scores = np.asarray(pred.get("scores", np.zeros(0)), np.float32)
+        keep = scores >= score_threshold
+        boxes = np.asarray(pred.get("boxes", np.zeros((0, 4))), np.float32).reshape(-1, 4)[keep]
+        labels = np.asarray(pred.get("labels", np.zeros(0)), np.int64)[keep]
+        truth = draw_boxes(image, record.boxes, record.labels, class_names)
+        found = draw_boxes(image, boxes, labels, class_names, scores[keep])
+        gap = np.full((image.shape[0], 8, 3), 255, np.uint8)
+        path = out_dir / f"{_file_safe(Path(record.file_name).stem)}.png"
+        cv2.imwrite(str(path), np.concatenate([truth, gap, found], axis=1)[:, :, ::-1])
         written.append(path)
     return written

@@ -1,0 +1,177 @@
+"""The main job end to end on built-in synthetic data (``make demo``): nothing to detections.
+
+    python tools/demo.py [--out runs/demo] [--rebuild] [--quick]
+
+Stages, each a tool run in its own process (as a user would run them) with its own run directory
+under ``--out``: scenes (train / val) -> pretrain GoogLeNet-bn with aux heads (train_cls) ->
+MultiBox (train_multibox) -> SS x2 + MultiBox proposals and the R-CNN region classifier
+(train_det, which builds the proposal caches) -> evaluation. A stage whose model file exists is
+reused and said so (``--rebuild`` starts over). ``--quick`` shrinks every stage (the test suite's
+form). Writes ``--out``/detections/*.png (ground truth beside detections), the detector's
+pr_val/*.png, eval_val.json and each stage's curves.png, and timings.json (seconds per stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from backbone.runtime.errors import UserError
+from backbone.runtime.log import run_tool, setup_logging
+from detect.datasets.synthetic import annotation_path, build_synthetic_detection_dataset, image_root
+from detect.visualize import save_detection_pictures
+
+logger = logging.getLogger("demo")
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "demo"
+
+# --quick: the same pipeline at toy sizes (about two minutes on 2 cores).
+QUICK = {
+    "pretrain": ["data.synthetic_train_size=512", "data.synthetic_val_size=128", "train.epochs=2"],
+    "multibox": ["train.epochs=1", "model.num_priors=20", "train.recall_top_k=[10,20]"],
+    "detector": [
+        "data.synthetic_train_images=16",
+        "data.synthetic_val_images=8",
+        "train.epochs=2",
+        "train.eval_every=2",
+        "proposals.multibox.top_k=20",
+        "proposals.ss.max_proposals=100",
+    ],
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--rebuild", action="store_true", help="delete --out and run every stage again")
+    parser.add_argument("--quick", action="store_true", help="toy sizes (the test suite's reduced form)")
+    return parser
+
+
+def scene_settings(overrides: list[str]) -> dict[str, int]:
+    """The scene counts and size of the detector config (with ``--quick``'s overrides): train_det
+    reuses the scenes written here only when they match."""
+    data = yaml.safe_load((CONFIGS / "detector.yaml").read_text())["data"]
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.startswith("data."):
+            data[key[5:]] = yaml.safe_load(value)
+    return {
+        "train": data["synthetic_train_images"],
+        "val": data["synthetic_val_images"],
+        "image_size": data["synthetic_image_size"],
+    }
+
+
+def run_stage(name: str, tool: str, config: Path, out: Path, overrides: list[str]) -> float:
+    """Run ``tools/<tool>.py`` unless ``out/model.pt`` exists; seconds spent (0 when reused)."""
+    if (out / "model.pt").is_file():
+        logger.info("%s: reusing %s (--rebuild to train again)", name, out / "model.pt")
+        return 0.0
+    command = [sys.executable, str(REPO / "tools" / f"{tool}.py"), "--config", str(config), "--out", str(out)]
+    command += ["--overwrite"] + [arg for item in overrides for arg in ("--set", item)]
+    logger.info("%s: %s", name, " ".join(command[1:]))
+    started = time.perf_counter()
+    code = subprocess.run(command, cwd=REPO, check=False).returncode
+    if code != 0:
+        raise UserError(f"{name}: {tool} exited with code {code} (see {out / 'log.txt'})")
+    return time.perf_counter() - started
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging()
+    out = args.out.resolve()
+    if args.rebuild and out.exists():
+        shutil.rmtree(out)
+    quick = QUICK if args.quick else {}
+    detector_overrides = [
+        f"data.synthetic_root={out / 'scenes'}",
+        f"proposals.cache_dir={out / 'proposals'}",
+        *quick.get("detector", []),
+    ]
+    scenes = scene_settings(quick.get("detector", []))
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    for split in ("train", "val"):
+        build_synthetic_detection_dataset(
+            out / "scenes", split, num_images=scenes[split], image_size=scenes["image_size"], seed=0
+        )
+    timings["scenes"] = time.perf_counter() - started
+
+    pretrain, multibox, detector = out / "pretrain", out / "multibox", out / "detector"
+    timings["pretrain"] = run_stage(
+        "pretrain", "train_cls", CONFIGS / "pretrain.yaml", pretrain, quick.get("pretrain", [])
+    )
+    scenes_dir = out / "scenes"
+    train_spec = (
+        f"[{{path: {annotation_path(scenes_dir, 'train')}, image_root: {image_root(scenes_dir, 'train')}}}]"
+    )
+    timings["multibox"] = run_stage(
+        "multibox",
+        "train_multibox",
+        CONFIGS / "multibox.yaml",
+        multibox,
+        [f"model.init={pretrain / 'model.pt'}", f"data.train={train_spec}", *quick.get("multibox", [])],
+    )
+    timings["detector"] = run_stage(
+        "detector",
+        "train_det",
+        CONFIGS / "detector.yaml",
+        detector,
+        [
+            f"model.init={pretrain / 'model.pt'}",
+            f"proposals.multibox.model={multibox / 'model.pt'}",
+            *detector_overrides,
+        ],
+    )
+
+    dataset = build_synthetic_detection_dataset(
+        out / "scenes", "val", num_images=scenes["val"], image_size=scenes["image_size"], seed=0
+    )
+    results = json.loads((detector / "detections_val.json").read_text())
+    predictions: dict[int, dict] = {}
+    id_to_label = {c: i for i, c in enumerate(dataset.category_ids)}
+    for det in results:
+        entry = predictions.setdefault(det["image_id"], {"boxes": [], "scores": [], "labels": []})
+        x, y, w, h = det["bbox"]
+        entry["boxes"].append([x, y, x + w, y + h])
+        entry["scores"].append(det["score"])
+        entry["labels"].append(id_to_label[det["category_id"]])
+    pictures = save_detection_pictures(dataset.records, predictions, dataset.class_names, out / "detections")
+    timings["total"] = time.perf_counter() - started
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
+
+    print((detector / "eval_val.txt").read_text())
+    summary = json.loads((detector / "eval_val.json").read_text())
+    voc = summary.get("voc", {}).get("mAP")
+    coco = summary.get("coco", {}).get("stats", {}).get("AP")
+    print(
+        f"mAP@0.5 (VOC all-point) {voc:.3f}, COCO AP {coco:.3f}"
+        if voc is not None and coco is not None
+        else ""
+    )
+    print(
+        "timings (s): "
+        + ", ".join(
+            f"{k} {v:.0f}" + (" (reused)" if v == 0 and k != "total" else "") for k, v in timings.items()
+        )
+    )
+    print(
+        f"pictures: {len(pictures)} in {out / 'detections'}; PR curves: {detector / 'pr_val'}; "
+        "training curves: */curves.png"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main, get_args_parser().parse_args()))
