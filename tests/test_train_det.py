@@ -4,18 +4,24 @@ writes everything inference needs, and bad input ends in one clear line."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from tool_loader import load_tool
 
+from backbone.image_io import read_image_rgb
 from backbone.runtime.errors import UserError
 from backbone.runtime.log import run_tool
+from detect.proposals.cache import read_cache
 from detect.rcnn.model import load_detector
+from detect.rcnn.predictor import Predictor
 
 train_det = load_tool("train_det")
+detect = load_tool("detect")
 test_det = load_tool("test_det")
 
 
@@ -75,6 +81,28 @@ def test_tiny_run_learns_and_test_det_reproduces_its_evaluation(tmp_path: Path) 
                "--out", str(tmp_path / "ens")) == 0  # fmt: skip
     ensemble = json.loads((tmp_path / "ens" / "eval_val.json").read_text())
     assert ensemble["voc"]["mAP"] != tested["voc"]["mAP"]
+
+    # tools/detect.py: the proposer rebuilt from the model file gives the cached boxes; a folder
+    # with an unreadable file is processed, the file skipped and the exit code says so.
+    predictor = Predictor([out / "model.pt"])
+    record = val_records(tmp_path)[0]
+    cached = read_cache(val_records(tmp_path), Path(meta["proposals"]["directory"]))[0].boxes[0]
+    np.testing.assert_array_equal(predictor.propose(read_image_rgb(record.file_name))[0], cached)
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(record.file_name, images / "scene.jpg")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    code = run(detect, str(images), "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "det"))
+    assert code == 1
+    found = json.loads((tmp_path / "det" / "detections.json").read_text())
+    assert found and {d["file_name"] for d in found} == {str(images / "scene.jpg")}
+    assert (tmp_path / "det" / "scene.png").is_file()
+
+
+def val_records(tmp_path: Path):
+    from detect.datasets.synthetic import build_synthetic_detection_dataset
+
+    return build_synthetic_detection_dataset(tmp_path / "scenes", "val", num_images=8, image_size=128).records
 
 
 def test_stop_and_exact_resume(tmp_path: Path) -> None:

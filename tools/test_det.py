@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from backbone.inference import fuse_for_inference
 from backbone.runtime.config import config_from_dict
 from backbone.runtime.dist import cleanup_distributed, init_distributed, is_main_process
 from backbone.runtime.errors import UserError
@@ -33,8 +32,8 @@ from detect.evaluation import METRICS
 from detect.proposals.spec import ProposalSpec
 from detect.rcnn.data import RegionScoringDataset
 from detect.rcnn.engine import InferenceSettings
-from detect.rcnn.model import load_detector
 from detect.rcnn.pipeline import evaluate_detector, load_split, split_proposals, write_evaluation
+from detect.rcnn.predictor import load_detectors
 
 logger = logging.getLogger("test_det")
 
@@ -65,26 +64,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_models(paths: list[Path], device: torch.device, fuse: bool) -> tuple[list, dict]:
-    models, metas = [], []
-    for path in paths:
-        try:
-            model, meta = load_detector(path)
-        except ValueError as err:  # the loader's one-line "PATH: problem"
-            raise UserError(str(err)) from None
-        if fuse:
-            fuse_for_inference(model.backbone, channels_last=True)
-        models.append(model.to(device).eval())
-        metas.append(meta)
-    first = metas[0]
-    for path, meta in zip(paths[1:], metas[1:], strict=True):
-        if meta["class_names"] != first["class_names"]:
-            raise UserError(
-                f"{path}: classes {meta['class_names']} differ from {paths[0]}'s {first['class_names']}"
-            )
-    return models, first
-
-
 def main(args: argparse.Namespace) -> int:
     setup_logging()
     info = init_distributed("auto")
@@ -95,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def test(args: argparse.Namespace, device: torch.device) -> int:
-    models, meta = load_models(args.checkpoint, device, fuse=not args.no_fuse)
+    models, meta = load_detectors(args.checkpoint, device, fuse=not args.no_fuse)
     config = meta["config"]
     data, test_cfg = config["data"], dict(config["test"])
     if args.data is not None:

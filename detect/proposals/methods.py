@@ -5,8 +5,8 @@
 - :class:`UnionMethod`: the union of other methods' cached proposals in priority order
   (the paper's entry: MultiBox's 200 boxes, then selective search), near-duplicates removed.
 
-Per-image extraction runs in worker processes: :func:`init_worker` builds the method's state once
-per process (the MultiBox model) and :func:`propose_image` handles one image.
+:func:`build_proposer` proposes boxes for one arbitrary image (tools/detect.py); the cache's worker
+processes each build one with :func:`init_worker` and handle an image file with :func:`propose_image`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -92,43 +93,54 @@ def union_proposals(
     return boxes[keep], scores[keep]
 
 
+# ---- proposing ---------------------------------------------------------------------------------
+
+Proposer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def build_proposer(method: ProposalMethod) -> Proposer:
+    """``image (H, W, 3) uint8 RGB -> (boxes (N, 4) float32 xyxy, scores (N,))`` for any method, the
+    same boxes the cache holds for that image. A MultiBox model is loaded once, here."""
+    if isinstance(method, SelectiveSearchMethod):
+
+        def propose_ss(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            boxes = selective_search(image, method.settings)
+            # Selective search has no score; its rank order is kept as a score falling from 1.
+            return boxes, (np.arange(len(boxes), 0, -1) / max(len(boxes), 1)).astype(np.float32)
+
+        return propose_ss
+    if isinstance(method, MultiBoxMethod):
+        from detect.proposals.multibox import load_multibox, multibox_proposals
+
+        model, arch, _ = load_multibox(method.checkpoint)
+        model = model.to(memory_format=torch.channels_last)
+        return lambda image: multibox_proposals(model, image, arch.image_size, method.top_k)
+    parts = [build_proposer(component) for _, component in method.components]
+    return lambda image: union_proposals([propose(image) for propose in parts], method.dedup_iou)
+
+
 # ---- worker side ------------------------------------------------------------------------------
 
-_WORKER: dict[str, Any] = {}
+_PROPOSER: list[Proposer] = []  # this worker process's proposer, built once by init_worker
 
 
 def init_worker(method: SelectiveSearchMethod | MultiBoxMethod, threads: int = 1) -> None:
     """Per-process setup: one thread per worker (the pool provides the parallelism)."""
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
-    _WORKER.clear()
-    _WORKER["method"] = method
-    if isinstance(method, MultiBoxMethod):
-        from detect.proposals.multibox import load_multibox
-
-        model, arch, _ = load_multibox(method.checkpoint)
-        _WORKER["model"] = model.to(memory_format=torch.channels_last)
-        _WORKER["image_size"] = arch.image_size
+    _PROPOSER[:] = [build_proposer(method)]
 
 
 def propose_image(task: tuple[int, str]) -> tuple[int, np.ndarray, np.ndarray, float, str]:
     """``(index, file_name)`` -> ``(index, boxes, scores, seconds, error)``; ``error`` is "" or the
     one-line reason the image could not be processed (the caller decides how to report it)."""
     index, file_name = task
-    method = _WORKER["method"]
     start = time.perf_counter()
     try:
         image = read_image_rgb(file_name)
     except ImageDecodeError as err:
         return index, np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.0, str(err)
-    if isinstance(method, SelectiveSearchMethod):
-        boxes = selective_search(image, method.settings)
-        # Selective search has no score; its rank order is kept as a score falling from 1.
-        scores = (np.arange(len(boxes), 0, -1) / max(len(boxes), 1)).astype(np.float32)
-    else:
-        from detect.proposals.multibox import multibox_proposals
-
-        boxes, scores = multibox_proposals(_WORKER["model"], image, _WORKER["image_size"], method.top_k)
+    boxes, scores = _PROPOSER[0](image)
     return index, boxes, scores, time.perf_counter() - start, ""
 
 
