@@ -53,6 +53,7 @@ def run_directory(args: argparse.Namespace, tool: str) -> Path:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch; deterministic algorithms, or cudnn's autotuner on CUDA."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -75,6 +76,17 @@ def start_run(
     threads: int | None = None,
     device: str = "auto",
 ) -> Iterator[Run]:
+    """Set up a training run and yield it; torch.distributed is shut down again on exit.
+
+    In order: the run-directory guard (a checkpoint without ``--resume`` / ``--overwrite``, or
+    ``--resume`` without one, is a UserError, raised before anything is created), the process group
+    and device (``init_distributed(device)``), ``threads`` intra-op threads, python / numpy / torch
+    seeded with ``seed`` (deterministic algorithms when ``deterministic``, else cudnn.benchmark on
+    CUDA), then on rank 0 the run directory with the resolved ``cfg`` in ``config.yaml``, logging
+    to ``log.txt`` and one line naming the directory, process count and device. ``args`` is what
+    ``config.add_run_args`` parses (.config, .out, .resume, .overwrite, .max_steps); ``tool`` names
+    the default directory ``runs/<tool>`` when there is no config file.
+    """
     run_dir = run_directory(args, tool)
     info = init_distributed(device)
     try:
