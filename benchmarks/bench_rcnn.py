@@ -1,0 +1,77 @@
+"""Region scoring speed: crop mode (warping included) against the bare network on ready crops, and
+shared-feature mode against crop mode, in one run on the same image and boxes.
+
+    python benchmarks/bench_rcnn.py [--size 128] [--regions 128] [--image 384x512] [--repeats 3]
+
+Prints the ratio crop-mode throughput / bare-forward throughput (issue target >= 0.85) and the
+seconds per image of both modes' region stage for ``--proposals`` boxes (target: shared >= 10x fewer).
+Run it alone: another CPU job on the cores changes both sides, not only one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from backbone.inference import fuse_for_inference
+from detect.rcnn.engine import region_probs
+from detect.rcnn.model import RegionClassifierArch, build_region_classifier
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--regions", type=int, default=128, help="regions per forward (the batch)")
+    parser.add_argument("--proposals", type=int, default=512, help="boxes per image for seconds per image")
+    parser.add_argument("--image", default="384x512", help="HxW of the image the boxes come from")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    height, width = (int(v) for v in args.image.split("x"))
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, height, width, generator=gen).contiguous(memory_format=torch.channels_last)
+    xy = torch.rand(args.proposals, 2, generator=gen) * torch.tensor([width * 0.7, height * 0.7])
+    wh = 20 + torch.rand(args.proposals, 2, generator=gen) * torch.tensor([width * 0.3, height * 0.3])
+    boxes = torch.cat([xy, xy + wh], dim=1)
+
+    crop = build_region_classifier(RegionClassifierArch("bn", 3, input_size=args.size, padding=8)).eval()
+    fuse_for_inference(crop.backbone, channels_last=True)
+    rois = torch.cat([torch.zeros(args.regions, 1), boxes[: args.regions]], dim=1)
+    crops = crop.warp(image, rois).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        bare = best_of(lambda: crop.backbone(crops), args.repeats)
+        warped = best_of(lambda: crop.backbone(crop.warp(image, rois)), args.repeats)
+    print(
+        f"{args.regions} regions at {args.size} px: bare forward {args.regions / bare:.1f} regions/s, "
+        f"warp + forward {args.regions / warped:.1f} regions/s, ratio {bare / warped:.3f} (target >= 0.85)"
+    )
+
+    shared = build_region_classifier(
+        RegionClassifierArch("bn", 3, mode="shared", input_size=args.size, padding=8)
+    ).eval()
+    fuse_for_inference(shared.backbone, channels_last=True)
+    crop_s = best_of(lambda: region_probs(crop, image, boxes, args.regions), 1)
+    shared_s = best_of(lambda: region_probs(shared, image, boxes, args.regions), 1)
+    print(
+        f"{args.proposals} proposals on a {height}x{width} image: crop mode {crop_s:.2f} s/img, "
+        f"shared mode {shared_s:.2f} s/img, {crop_s / shared_s:.1f}x fewer seconds (target >= 10x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
