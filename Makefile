@@ -15,7 +15,8 @@ install: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[dev]'
+	# The export extra (onnx, onnxruntime) too, so the tests cover the ONNX export.
+	$(PY) -m pip install -e '.[dev,export]'
 	# albumentations pulls opencv-python-headless, which shares the cv2 folder with the contrib
 	# build that holds selective search; whichever is written last wins. Remove the plain build and
 	# rewrite the contrib one so cv2.ximgproc exists.
