@@ -34,7 +34,7 @@ from detect.proposals.methods import (
     ProposalMethod,
     SelectiveSearchMethod,
     UnionMethod,
-    default_workers,
+    cores_per_rank,
 )
 from detect.proposals.report import coverage_stats, write_report
 from detect.proposals.selective_search import filter_ranked_boxes, ss_settings
@@ -167,7 +167,7 @@ def propose(cfg: ProposeConfig, args: argparse.Namespace, world_size: int) -> in
         raise UserError(f"--split {args.split}: not in the config's splits ({known})")
     plan = planned_methods(cfg, split_dir, args.report)  # settings errors before the data set is read
     dataset = load_split(cfg, args.split)
-    workers = cfg.workers or default_workers()
+    workers = cfg.workers or cores_per_rank()
     logger.info("%d process(es) x %d worker(s); caches under %s", world_size, workers, split_dir)
     sets: dict[str, ProposalSet] = {}
     try:

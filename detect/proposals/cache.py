@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from backbone.runtime.dist import barrier, get_rank, get_world_size
@@ -219,8 +221,15 @@ def build_cache(
 def _pool_results(method: ProposalMethod, tasks: list[tuple[int, str]], workers: int) -> Iterator[tuple]:
     """Results of ``propose_image`` over ``tasks``, in completion order; in-process for 1 worker."""
     if workers <= 1:
-        init_worker(method, threads=1)
-        yield from map(propose_image, tasks)
+        # In-process: one thread as a pool worker has, then the caller's thread counts back (a
+        # training tool that builds its caches first must not go on training with one thread).
+        torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+        try:
+            init_worker(method, threads=1)
+            yield from map(propose_image, tasks)
+        finally:
+            torch.set_num_threads(torch_threads)
+            cv2.setNumThreads(cv2_threads)
         return
     # fork: workers start in milliseconds and inherit the imported modules (spawn re-imports
     # torch and OpenCV in every worker); the parent has run no torch parallel region yet.

@@ -5,8 +5,9 @@
 - :class:`UnionMethod`: the union of other methods' cached proposals in priority order
   (the paper's entry: MultiBox's 200 boxes, then selective search), near-duplicates removed.
 
-:func:`build_proposer` proposes boxes for one arbitrary image (tools/detect.py); the cache's worker
-processes each build one with :func:`init_worker` and handle an image file with :func:`propose_image`.
+:func:`build_proposer` proposes boxes for one arbitrary image (tools/detect.py) with exactly the boxes a
+cache of the same method holds for it; the cache's worker processes each build one with
+:func:`init_worker` and read, decode and propose one image file per :func:`propose_image` task.
 """
 
 from __future__ import annotations
@@ -98,9 +99,16 @@ def union_proposals(
 Proposer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def build_proposer(method: ProposalMethod) -> Proposer:
-    """``image (H, W, 3) uint8 RGB -> (boxes (N, 4) float32 xyxy, scores (N,))`` for any method, the
-    same boxes the cache holds for that image. A MultiBox model is loaded once, here."""
+def build_proposer(method: ProposalMethod, threads: int | None = None) -> Proposer:
+    """``image (H, W, 3) uint8 RGB -> (boxes (N, 4) float32 xyxy in image pixels, scores (N,) float32)``
+    for any method: the same boxes the cache holds for that image (a union proposes with each
+    component, then merges as the cache's union does). A MultiBox model is loaded once, here.
+
+    ``threads``: torch and OpenCV threads of this process (set here, process-wide); None leaves them.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
     if isinstance(method, SelectiveSearchMethod):
 
         def propose_ss(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,8 +123,17 @@ def build_proposer(method: ProposalMethod) -> Proposer:
         model, arch, _ = load_multibox(method.checkpoint)
         model = model.to(memory_format=torch.channels_last)
         return lambda image: multibox_proposals(model, image, arch.image_size, method.top_k)
-    parts = [build_proposer(component) for _, component in method.components]
-    return lambda image: union_proposals([propose(image) for propose in parts], method.dedup_iou)
+    if isinstance(method, UnionMethod):
+        parts = [build_proposer(component) for _, component in method.components]
+        return lambda image: propose_union(image, parts, method.dedup_iou)
+    raise TypeError(f"not a proposal method: {method!r}")
+
+
+def propose_union(
+    image: np.ndarray, proposers: list[Proposer], dedup_iou: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every proposer's boxes for ``image``, highest priority first, merged by :func:`union_proposals`."""
+    return union_proposals([propose(image) for propose in proposers], dedup_iou)
 
 
 # ---- worker side ------------------------------------------------------------------------------
@@ -125,10 +142,9 @@ _PROPOSER: list[Proposer] = []  # this worker process's proposer, built once by 
 
 
 def init_worker(method: SelectiveSearchMethod | MultiBoxMethod, threads: int = 1) -> None:
-    """Per-process setup: one thread per worker (the pool provides the parallelism)."""
-    torch.set_num_threads(threads)
-    cv2.setNumThreads(threads)
-    _PROPOSER[:] = [build_proposer(method)]
+    """Per-process setup: one thread per worker (the pool provides the parallelism) and the proposer
+    every :func:`propose_image` task of this process uses."""
+    _PROPOSER[:] = [build_proposer(method, threads)]
 
 
 def propose_image(task: tuple[int, str]) -> tuple[int, np.ndarray, np.ndarray, float, str]:
@@ -144,8 +160,10 @@ def propose_image(task: tuple[int, str]) -> tuple[int, np.ndarray, np.ndarray, f
     return index, boxes, scores, time.perf_counter() - start, ""
 
 
-def default_workers() -> int:
-    """Cores per torchrun process on this node (all cores when not under torchrun)."""
+def cores_per_rank() -> int:
+    """Cores per torchrun process on this node (all cores when not under torchrun): how many
+    proposal worker processes one rank runs by default. (Not ``detect.datasets.common.default_workers``,
+    the I/O-bound thread count of annotation reading.)"""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, (os.cpu_count() or 1) // max(local_world, 1))
 

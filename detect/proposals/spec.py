@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from backbone.runtime.config import config_from_dict
 from backbone.runtime.paths import resolve_data_path
 from detect.datasets.records import DetectionRecord
 from detect.proposals.cache import MANIFEST, ProposalCacheError, ProposalSet, build_cache, load_cache
@@ -19,7 +20,7 @@ from detect.proposals.methods import (
     ProposalMethod,
     SelectiveSearchMethod,
     UnionMethod,
-    default_workers,
+    cores_per_rank,
     method_summary,
 )
 from detect.proposals.selective_search import ss_settings
@@ -61,7 +62,10 @@ def ss_method(spec: SelectiveSearchSpec, preset: str | None = None) -> Selective
     if preset is not None:
         fields = {k: v for k, v in fields.items() if k not in ("base_k", "inc_k", "sigma")}
     fields = {k: v for k, v in fields.items() if v is not None or k in ("max_side", "max_proposals")}
-    return SelectiveSearchMethod(ss_settings(preset or spec.preset, **fields))
+    try:
+        return SelectiveSearchMethod(ss_settings(preset or spec.preset, **fields))
+    except ValueError as err:
+        raise ValueError(f"ss: {err}") from None  # the config key the error is about
 
 
 def multibox_method(spec: MultiBoxSpec) -> MultiBoxMethod:
@@ -79,8 +83,12 @@ def plan_caches(
     spec: ProposalSpec, name: str, split: str, report_baseline: str | None = None
 ) -> dict[str, tuple[Path, ProposalMethod]]:
     """Display name -> (cache directory, method), components before the unions that read them;
-    the last entry is the configured method. ``report_baseline`` adds that plain preset first and
-    every method (the coverage report); a MultiBox row needs a model file."""
+    the last entry is the configured method. ValueError for settings that make no method (an
+    unknown preset, a MultiBox method without its model file).
+
+    ``report_baseline`` plans the coverage report instead: that plain preset first, then every
+    method (the configured one among them); the MultiBox rows only when ``multibox.model`` names a
+    model, so that without one the report is selective search alone."""
     split_dir = Path(spec.cache_dir) / name / split
     plan: dict[str, tuple[Path, ProposalMethod]] = {}
     report = report_baseline is not None
@@ -93,7 +101,7 @@ def plan_caches(
     ss_name = f"SS {spec.ss.preset}"
     if report or spec.method in ("ss", "both"):
         plan[ss_name] = (split_dir / f"ss_{spec.ss.preset}", ss)
-    with_multibox = spec.method in ("multibox", "both") or (report and spec.multibox.model is not None)
+    with_multibox = spec.multibox.model is not None if report else spec.method in ("multibox", "both")
     if with_multibox:
         mb_dir = split_dir / f"multibox_top{spec.multibox.top_k}"
         mb = multibox_method(spec.multibox)
@@ -111,8 +119,26 @@ def configured_method(spec: ProposalSpec, name: str, split: str) -> tuple[Path, 
 
 
 def proposal_settings(spec: ProposalSpec) -> dict[str, Any]:
-    """The spec as a plain dict (stored in a detector's model file to propose on new images)."""
+    """The spec as a plain dict (stored in a detector's model file to propose on new images);
+    :func:`spec_from_settings` rebuilds it."""
     return asdict(spec)
+
+
+def spec_from_settings(settings: dict[str, Any], source: str = "proposal settings") -> ProposalSpec:
+    """The :class:`ProposalSpec` that :func:`proposal_settings` described (validated like a config:
+    an unknown key or a wrong type is a UserError naming ``source``)."""
+    return config_from_dict(ProposalSpec, settings, source=source)
+
+
+def method_description(spec: ProposalSpec, directory: Path, method: ProposalMethod) -> dict[str, Any]:
+    """What a model file records about its proposals: the cache directory, the method's kind and
+    summary (MultiBox model path and top_k, union dedup IoU) and the spec's settings."""
+    described: dict[str, Any] = {"directory": str(directory), **method_summary(method)}
+    if isinstance(method, UnionMethod):
+        multibox = [m for _, m in method.components if isinstance(m, MultiBoxMethod)]
+        if multibox:
+            described["multibox"] = {"model": multibox[0].checkpoint, "top_k": multibox[0].top_k}
+    return {**described, "settings": proposal_settings(spec)}
 
 
 def ensure_proposals(
@@ -138,7 +164,7 @@ def ensure_proposals(
                 records,
                 component,
                 component_dir,
-                workers=spec.workers or default_workers(),
+                workers=spec.workers or cores_per_rank(),
                 shard_size=spec.shard_size,
                 progress=progress,
             )
@@ -146,8 +172,4 @@ def ensure_proposals(
         proposals = load_cache(records, method, directory)
     except ProposalCacheError as err:
         raise ProposalCacheError(f"{str(err).split('; ')[0]}; rebuild it with {rebuild_command}") from None
-    return proposals, {
-        "directory": str(directory),
-        **method_summary(method),
-        "settings": proposal_settings(spec),
-    }
+    return proposals, method_description(spec, directory, method)
