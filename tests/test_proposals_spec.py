@@ -95,6 +95,38 @@ def test_report_plan_adds_the_baseline_and_needs_no_multibox_model(tmp_path: Pat
         assert list(plan) == ["SS quality", "SS fast"], method
 
 
+def test_the_shipped_proposal_configs_plan_todays_methods(tmp_path: Path, monkeypatch) -> None:
+    """Same methods (so the same fingerprints: existing caches stay valid) as tools/propose.py built
+    before it moved onto spec.py: written out here by hand from its configs."""
+    from tool_loader import load_tool
+
+    from backbone.runtime.config import load_config
+
+    monkeypatch.setenv("SHARED_DATA", str(tmp_path))
+    propose = load_tool("propose")
+    model = tmp_path / "mb.pt"
+    model.write_bytes(b"x")
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("fruit", "raccoon"):
+        config_file = repo / "configs" / "det" / f"proposals_{name}.yaml"
+        cfg = load_config(config_file, propose.ProposeConfig, [f"multibox.model={model}"])
+        plan = plan_caches(cfg.proposals(), cfg.name, "test")
+        split_dir = Path("runs/cache/proposals") / name / "test"
+        ss = SelectiveSearchMethod(
+            ss_settings("fast_x2", max_side=500, min_size=20.0, dedup_iou=1.0, max_proposals=None, seed=0)
+        )
+        mb = MultiBoxMethod(str(model), 200)
+        union = UnionMethod(
+            ((str(split_dir / "multibox_top200"), mb), (str(split_dir / "ss_fast_x2"), ss)), dedup_iou=0.7
+        )
+        assert plan == {
+            "SS fast_x2": (split_dir / "ss_fast_x2", ss),
+            "MultiBox": (split_dir / "multibox_top200", mb),
+            "SS fast_x2 + MultiBox": (split_dir / "multibox_top200+ss_fast_x2", union),
+        }
+        assert plan["SS fast_x2 + MultiBox"][1].fingerprint() == union.fingerprint()
+
+
 def test_settings_round_trip(tmp_path: Path) -> None:
     spec = small_spec(tmp_path, "both", tmp_path / "mb.pth", union_dedup_iou=0.6)
     settings = json.loads(json.dumps(proposal_settings(spec)))  # as a model file would keep it
