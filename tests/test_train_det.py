@@ -21,7 +21,7 @@ from detect.rcnn.model import load_detector
 from detect.rcnn.predictor import Predictor
 
 train_det = load_tool("train_det")
-detect = load_tool("detect")
+detect_images = load_tool("detect_images")
 test_det = load_tool("test_det")
 
 
@@ -82,7 +82,7 @@ def test_tiny_run_learns_and_test_det_reproduces_its_evaluation(tmp_path: Path) 
     ensemble = json.loads((tmp_path / "ens" / "eval_val.json").read_text())
     assert ensemble["voc"]["mAP"] != tested["voc"]["mAP"]
 
-    # tools/detect.py: the proposer rebuilt from the model file gives the cached boxes; a folder
+    # tools/detect_images.py: the proposer rebuilt from the model file gives the cached boxes; a folder
     # with an unreadable file is processed, the file skipped and the exit code says so.
     predictor = Predictor([out / "model.pt"])
     record = val_records(tmp_path)[0]
@@ -92,7 +92,9 @@ def test_tiny_run_learns_and_test_det_reproduces_its_evaluation(tmp_path: Path) 
     images.mkdir()
     shutil.copy(record.file_name, images / "scene.jpg")
     (images / "broken.jpg").write_bytes(b"not an image")
-    code = run(detect, str(images), "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "det"))
+    code = run(
+        detect_images, str(images), "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "det")
+    )
     assert code == 1
     found = json.loads((tmp_path / "det" / "detections.json").read_text())
     assert found and {d["file_name"] for d in found} == {str(images / "scene.jpg")}

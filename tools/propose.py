@@ -17,17 +17,11 @@ selective search rows alone) and writes report.txt, report.json and recall_curve
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# ruff: noqa: E402 (the imports below must follow the sys.path fix)
-# Run as a script, this file's folder comes first on sys.path, and tools/detect.py would hide the
-# ``detect`` package: drop that entry before importing it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import logging
+import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 from backbone.runtime import config as cfglib

@@ -5,7 +5,7 @@
 - :class:`UnionMethod`: the union of other methods' cached proposals in priority order
   (the paper's entry: MultiBox's 200 boxes, then selective search), near-duplicates removed.
 
-:func:`build_proposer` proposes boxes for one arbitrary image (tools/detect.py) with exactly the boxes a
+:func:`build_proposer` proposes boxes for one arbitrary image (tools/detect_images.py) with the boxes a
 cache of the same method holds for it; the cache's worker processes each build one with
 :func:`init_worker` and read, decode and propose one image file per :func:`propose_image` task.
 """

@@ -1,5 +1,5 @@
 """One image in, detections out: proposals (the method the model file names), the region classifier
-(or an ensemble), postprocessing. What tools/detect.py runs; kept apart from training."""
+(or an ensemble), postprocessing. What tools/detect_images.py runs; kept apart from training."""
 
 from __future__ import annotations
 

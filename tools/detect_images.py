@@ -1,6 +1,6 @@
 """Detect objects in images with a trained detector (or an ensemble of them).
 
-    python tools/detect.py --checkpoint RUN/model.pt [--checkpoint RUN2/model.pt] IMAGE_OR_FOLDER ...
+    python tools/detect_images.py --checkpoint RUN/model.pt [--checkpoint RUN2/model.pt] IMAGE_OR_FOLDER ...
         [--out runs/detect] [--score-threshold 0.3] [--nms-iou 0.3] [--max-per-image 100]
 
 Proposes boxes as the model was trained (selective search, plus MultiBox when the model file names
@@ -11,17 +11,11 @@ score). Unreadable files are skipped, listed and counted; the exit code is 1 whe
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# ruff: noqa: E402 (the imports below must follow the sys.path fix)
-# Run as a script, this file's folder comes first on sys.path and its name would hide the
-# ``detect`` package: drop that entry before importing it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import logging
+import sys
+from pathlib import Path
 
 import cv2
 from tqdm import tqdm
