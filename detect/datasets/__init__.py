@@ -45,9 +45,9 @@ def detect_format(path: str | Path) -> str:
         raise DatasetError(path, "not found (expected a COCO .json file or a data set directory)")
     if (path / "ImageSets" / "Main").is_dir():
         return "voc"
-    if (path / "Data" / "DET").is_dir():
+    if (path / "Data" / "DET").is_dir() or (path / "Annotations" / "DET").is_dir():  # images may be absent
         return "ilsvrc"
-    if (path / "images").is_dir() and (path / "annotations").is_dir():
+    if (path / "annotations").is_dir() and ((path / "images").is_dir() or not any(path.glob("*.xml"))):
         return "folder"
     if next(path.glob("*.xml"), None) is not None:
         return "folder"
@@ -64,27 +64,38 @@ def open_detection_dataset(
     names_file: str | Path | None = None,
     synsets: str | Path | None = None,
     on_error: OnError = "raise",
+    require_images: bool = True,
 ) -> tuple[DetectionDataset, LoadReport]:
     """Read any supported layout. ``image_set``: VOC ``ImageSets/Main`` set (required) or ILSVRC split
     (default ``val``); ``names_file``: split list for a folder (``.csv`` with ``filename`` or ``.txt``);
-    ``image_root``: where a COCO file's images live (default: next to the JSON)."""
+    ``image_root``: where a COCO file's images live (default: next to the JSON).
+    ``require_images=False`` (scoring): absent image files are fine where the annotation gives the
+    size; present ones are still read. Training keeps the default: every image must be there."""
     path = Path(path)
     kind = detect_format(path)
     if kind == "coco":
-        return read_coco(path, image_root=image_root, on_error=on_error)
+        return read_coco(path, image_root=image_root, on_error=on_error, require_images=require_images)
     if kind == "voc":
         if image_set is None:
             sets = sorted(p.stem for p in (path / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
             raise DatasetError(
                 path, f"VOC layout needs an image set (one of: {', '.join(sets) or 'none found'})"
             )
-        return read_voc(path, image_set, class_names or VOC_CLASSES, on_error=on_error)
+        return read_voc(
+            path, image_set, class_names or VOC_CLASSES, on_error=on_error, require_images=require_images
+        )
     if kind == "ilsvrc":
         image_set = image_set or "val"  # train_K lists index Data/DET/train
-        return read_ilsvrc_det(path, image_set.split("_")[0], image_set, synsets=synsets, on_error=on_error)
-    names = read_name_list(names_file) if names_file is not None else None
-    if (path / "images").is_dir() and (path / "annotations").is_dir():
-        return read_xml_folder(
-            path / "images", path / "annotations", names, class_names, on_error=on_error, name=path.name
+        return read_ilsvrc_det(
+            path,
+            image_set.split("_")[0],
+            image_set,
+            synsets=synsets,
+            on_error=on_error,
+            require_images=require_images,
         )
-    return read_xml_folder(path, None, names, class_names, on_error=on_error, name=path.name)
+    names = read_name_list(names_file) if names_file is not None else None
+    options = {"on_error": on_error, "name": path.name, "require_images": require_images}
+    if (path / "annotations").is_dir() and ((path / "images").is_dir() or not any(path.glob("*.xml"))):
+        return read_xml_folder(path / "images", path / "annotations", names, class_names, **options)
+    return read_xml_folder(path, None, names, class_names, **options)

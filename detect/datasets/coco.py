@@ -1,7 +1,8 @@
 """COCO instances JSON, the interchange format: read through pycocotools, write from any data set.
 
 Reading keeps COCO's image ids, orders classes by category id, clips/drops boxes like every other
-reader and takes image sizes from the image files. ``iscrowd`` annotations become ``difficult``
+reader and takes image sizes from the image files (from the JSON's ``width``/``height`` when a file is
+absent and ``require_images=False``). ``iscrowd`` annotations become ``difficult``
 (neither positives nor false positives in the VOC-style metrics); writing emits ``difficult`` as
 ``iscrowd=1`` (mmdetection's VOC-to-COCO converter does the same for its ignored boxes), so a
 round trip keeps the flag and COCOeval treats those boxes as ignore regions.
@@ -23,10 +24,9 @@ from detect.datasets.common import (
     DatasetError,
     LoadReport,
     OnError,
-    checked_size,
     default_workers,
+    image_size,
     map_items,
-    read_image_info,
     repair_boxes,
     resolve_inside,
 )
@@ -86,11 +86,13 @@ def read_coco(
     image_root: str | Path | None = None,
     on_error: OnError = "raise",
     workers: int | None = None,
+    require_images: bool = True,
 ) -> tuple[DetectionDataset, LoadReport]:
     """Read a COCO instances file whose ``file_name``s live under ``image_root``.
 
     Default root: ``info.image_root`` when the file has one (``write_coco_json`` records it, so a
     converted file finds its images from anywhere), else the JSON's own folder.
+    ``require_images=False``: an absent image file takes its size from the JSON (see ``image_size``).
     """
     json_path = Path(json_path)
     data = load_json(json_path)
@@ -113,28 +115,24 @@ def read_coco(
     def build(image: dict) -> tuple[DetectionRecord, list[tuple[str, str]]]:
         source = f"{json_path}[image {image['id']}]"
         image_path = resolve_inside(image_root, str(image["file_name"]), json_path)
-        info = read_image_info(image_path)
-        events = list(info.events)
         annotated = (
             (int(image["width"]), int(image["height"])) if "width" in image and "height" in image else None
         )
-        events += checked_size(annotated, (info.width, info.height), source)
         anns = coco.imgToAnns.get(image["id"], [])
+        width, height, events = image_size(image_path, annotated, source, require_images, needed=bool(anns))
         unknown = sorted({a["category_id"] for a in anns if a["category_id"] not in label_of})
         if unknown:
             raise DatasetError(json_path, f"image {image['id']}: unknown category id(s) {unknown}")
         xywh = np.asarray([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        boxes, keep, box_events = repair_boxes(xyxy, info.width, info.height, source)
+        boxes, keep, box_events = repair_boxes(xyxy, width, height, source)
         events += box_events
         labels = np.asarray([label_of[anns[i]["category_id"]] for i in keep], np.int64)
         crowd = np.asarray([bool(anns[i].get("iscrowd", 0)) for i in keep], bool)
         events += [("crowd_as_difficult", source)] * int(crowd.sum())
         if len(keep) == 0:
             events.append(("image_without_objects", source))
-        record = DetectionRecord(
-            int(image["id"]), str(image_path), info.width, info.height, boxes, labels, crowd
-        )
+        record = DetectionRecord(int(image["id"]), str(image_path), width, height, boxes, labels, crowd)
         return record, events
 
     images = [coco.imgs[i] for i in sorted(coco.imgs)]

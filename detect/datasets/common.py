@@ -5,6 +5,10 @@ Readers never trust what annotations say about an image: its size comes from the
 ``backbone.image_io.read_image_rgb`` when PIL cannot identify the bytes. The header size equals the
 decoded size because both ignore EXIF orientation (``read_image_rgb`` decodes with
 ``IMREAD_IGNORE_ORIENTATION``).
+
+Scoring needs only the annotations: with ``require_images=False`` (``tools/eval_det.py``) an image
+file that is absent is not an error when the annotation gives a valid size, which is then used
+(``image_size``). A file that is present is still read and its own size wins.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ REPORT_KINDS: dict[str, str] = {
     "size_zero_fixed": "annotated size 0x0 replaced by the image's real size",
     "size_missing_fixed": "annotated size missing, taken from the image",
     "size_mismatch_fixed": "annotated size disagreeing with the image replaced by the real size",
+    "size_from_annotation": "image files absent: size taken from the annotation",
+    "size_unknown_no_objects": "image files absent, no size annotated, no objects: kept with size 0x0",
     "content_not_extension": "files whose content format differs from their extension (decoded by content)",
     "content_not_rgb": "images that are not plain RGB (RGBA/palette/grayscale/CMYK/16-bit; decoded to RGB)",
     "image_without_objects": "images without objects kept",
@@ -203,6 +209,37 @@ def checked_size(
     if annotated != real:
         return [("size_mismatch_fixed", source)]
     return []
+
+
+def valid_size(size: tuple[int, int] | None) -> bool:
+    return size is not None and size[0] > 0 and size[1] > 0
+
+
+def image_size(
+    image_path: Path,
+    annotated: tuple[int, int] | None,
+    source: str,
+    require_images: bool = True,
+    needed: bool = True,
+) -> tuple[int, int, list[tuple[str, str]]]:
+    """``(width, height, report events)`` of the image an annotation (``source``) describes.
+
+    The image file is read whenever it exists (its size wins; a disagreeing annotated size is
+    reported as fixed) and whenever ``require_images``. Otherwise an absent file takes the
+    annotated size when it is valid (both > 0); with no valid size the image still loads as 0x0
+    when the size is not ``needed`` (no boxes to clip), else it is an error naming the file.
+    """
+    if require_images or image_path.is_file():
+        info = read_image_info(image_path)
+        events = [*info.events, *checked_size(annotated, (info.width, info.height), source)]
+        return info.width, info.height, events
+    if valid_size(annotated):
+        assert annotated is not None
+        return int(annotated[0]), int(annotated[1]), [("size_from_annotation", source)]
+    if not needed:
+        return 0, 0, [("size_unknown_no_objects", source)]
+    given = "no size" if annotated is None else f"size {annotated[0]}x{annotated[1]}"
+    raise DatasetError(image_path, f"image file not found, and its annotation has {given} to use instead")
 
 
 def map_items(

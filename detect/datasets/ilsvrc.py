@@ -99,8 +99,12 @@ def read_ilsvrc_det(
     synsets: str | Path | list[tuple[str, str]] | None = None,
     on_error: OnError = "raise",
     workers: int | None = None,
+    require_images: bool = True,
 ) -> tuple[DetectionDataset, LoadReport]:
     """Read ``root/ImageSets/DET/<image_set or split>.txt`` over ``Data/DET/<split>``.
+
+    ``require_images=False``: ``Data/DET`` may be absent; sizes then come from the XML files (a
+    negative-only image, with no XML, loads as 0x0: it has no boxes whose size would matter).
 
     ``synsets``: mapping file, ``[(wnid, name)]``, or None to look for ``devkit/data/meta_det.mat``
     or ``map_det.txt`` / ``devkit/data/map_det.txt`` under ``root``.
@@ -135,10 +139,14 @@ def read_ilsvrc_det(
     def build(item: tuple[int, Path, Path]) -> tuple[DetectionRecord, list[tuple[str, str]]]:
         image_id, image_path, xml_path = item
         if not xml_path.is_file():  # a negative-only image: nothing of the 200 classes in it
-            info = read_image_info(image_path)
-            record = DetectionRecord(image_id, str(image_path), info.width, info.height)
-            return record, [*info.events, ("negative_image_no_annotation", str(image_path))]
-        return record_from_xml(parse_voc_xml(xml_path), image_path, image_id, class_index)
+            if require_images or image_path.is_file():
+                info = read_image_info(image_path)
+                width, height, events = info.width, info.height, list(info.events)
+            else:  # nothing annotated, nothing to clip: the size does not matter
+                width, height, events = 0, 0, [("size_unknown_no_objects", str(image_path))]
+            record = DetectionRecord(image_id, str(image_path), width, height)
+            return record, [*events, ("negative_image_no_annotation", str(image_path))]
+        return record_from_xml(parse_voc_xml(xml_path), image_path, image_id, class_index, require_images)
 
     report = LoadReport(name=f"ILSVRC DET {image_set or split}")
     records = []

@@ -4,6 +4,8 @@
 general form: an image directory, an XML directory (the same one when the XML sits beside each
 image, as in ``fruit/``) and an optional list of names (``raccoon/``'s CSV split lists). Both
 return ``(DetectionDataset, LoadReport)``. Image ids are 1-based positions in list order.
+With ``require_images=False`` the image files may be absent: sizes then come from the XML's
+``<size>`` (see ``common.image_size``), for scoring on a machine without the images.
 """
 
 from __future__ import annotations
@@ -21,11 +23,10 @@ from detect.datasets.common import (
     DatasetError,
     LoadReport,
     OnError,
-    checked_size,
     default_workers,
     find_image,
+    image_size,
     map_items,
-    read_image_info,
     repair_boxes,
     resolve_inside,
 )
@@ -95,26 +96,31 @@ def parse_voc_xml(path: str | Path) -> XmlAnnotation:
 
 
 def record_from_xml(
-    annotation: XmlAnnotation, image_path: Path, image_id: int, class_index: dict[str, int]
+    annotation: XmlAnnotation,
+    image_path: Path,
+    image_id: int,
+    class_index: dict[str, int],
+    require_images: bool = True,
 ) -> tuple[DetectionRecord, list[tuple[str, str]]]:
-    """Build a record: real image size, VOC boxes to continuous coordinates, repaired boxes."""
+    """Build a record: real image size (the annotated one for an absent file when not
+    ``require_images``), VOC boxes to continuous coordinates, repaired boxes."""
     source = str(annotation.path)
-    info = read_image_info(image_path)
-    events = list(info.events)
-    events += checked_size(annotation.size, (info.width, info.height), source)
+    width, height, events = image_size(
+        image_path, annotation.size, source, require_images, needed=len(annotation.names) > 0
+    )
     unknown = sorted({n for n in annotation.names if n not in class_index})
     if unknown:
         raise DatasetError(source, f"unknown class name(s) {', '.join(map(repr, unknown))}")
     # 1-based inclusive indices -> continuous: x1 = xmin - 1, x2 = xmax (the devkit's +1 width).
     continuous = annotation.boxes - np.array([1.0, 1.0, 0.0, 0.0])
-    boxes, keep, box_events = repair_boxes(continuous, info.width, info.height, source)
+    boxes, keep, box_events = repair_boxes(continuous, width, height, source)
     events += box_events
     labels = np.asarray([class_index[annotation.names[i]] for i in keep], np.int64)
     difficult = annotation.difficult[keep]
     if len(keep) == 0:
         events.append(("image_without_objects", source))
     events += [("difficult_kept", source)] * int(difficult.sum())
-    record = DetectionRecord(image_id, str(image_path), info.width, info.height, boxes, labels, difficult)
+    record = DetectionRecord(image_id, str(image_path), width, height, boxes, labels, difficult)
     return record, events
 
 
@@ -125,6 +131,7 @@ def _collect(
     workers: int,
     report: LoadReport,
     image_lookup: Callable[[XmlAnnotation], Path] | None,
+    require_images: bool = True,
 ) -> tuple[list[DetectionRecord], list[str]]:
     """Parse ``(image_id, xml_path, image_path | None)`` items (image path found by ``image_lookup``
     when None) and build records; class names are discovered (sorted) when not given."""
@@ -143,7 +150,7 @@ def _collect(
         if image_path is None:
             assert image_lookup is not None, "items without an image path need an image_lookup"
             image_path = image_lookup(annotation)
-        return record_from_xml(annotation, image_path, image_id, class_index)
+        return record_from_xml(annotation, image_path, image_id, class_index, require_images)
 
     records = []
     for _, built, error in map_items(build, parsed, workers, on_error):
@@ -171,8 +178,10 @@ def read_voc(
     class_names: list[str] | tuple[str, ...] = VOC_CLASSES,
     on_error: OnError = "raise",
     workers: int | None = None,
+    require_images: bool = True,
 ) -> tuple[DetectionDataset, LoadReport]:
-    """Read a VOC devkit year directory (``.../VOC2007``) for ``ImageSets/Main/<image_set>.txt``."""
+    """Read a VOC devkit year directory (``.../VOC2007``) for ``ImageSets/Main/<image_set>.txt``
+    (``JPEGImages/`` may be absent when not ``require_images``)."""
     root = Path(root)
     list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
     names = [line.split()[0] for line in _read_lines(list_file) if line.strip()]
@@ -187,7 +196,7 @@ def read_voc(
     ]
     report = LoadReport(name=f"{root.name}/{image_set}")
     records, names_out = _collect(
-        items, list(class_names), on_error, workers or default_workers(), report, None
+        items, list(class_names), on_error, workers or default_workers(), report, None, require_images
     )
     return DetectionDataset(records, names_out, list(range(1, len(names_out) + 1)), report.name), report
 
@@ -212,6 +221,7 @@ def read_xml_folder(
     on_error: OnError = "raise",
     workers: int | None = None,
     name: str = "",
+    require_images: bool = True,
 ) -> tuple[DetectionDataset, LoadReport]:
     """Read images with one VOC XML each.
 
@@ -219,10 +229,12 @@ def read_xml_folder(
     ``xml_dir`` (sorted). The image for ``STEM.xml`` is ``image_dir/STEM.<ext>`` (any common
     extension), else the XML's ``<filename>``; names never resolve outside ``image_dir``.
     ``class_names``: default the sorted set of names found (an unknown name is then impossible).
+    ``require_images=False``: images (and ``image_dir``) may be absent; an absent image is taken to
+    be the XML's ``<filename>`` (else ``STEM.jpg``) with the XML's size.
     """
     image_dir = Path(image_dir)
     xml_dir = Path(xml_dir) if xml_dir is not None else image_dir
-    if not image_dir.is_dir():
+    if require_images and not image_dir.is_dir():
         raise DatasetError(image_dir, "image directory not found")
     if not xml_dir.is_dir():
         raise DatasetError(xml_dir, "annotation directory not found")
@@ -243,17 +255,19 @@ def read_xml_folder(
         found = find_image(image_dir, annotation.path.stem, annotation.path)
         if found is None and annotation.filename:
             found = resolve_inside(image_dir, annotation.filename, annotation.path)
+        if not require_images and (found is None or not found.is_file()):
+            return found or resolve_inside(image_dir, f"{annotation.path.stem}.jpg", annotation.path)
         if found is None or not found.is_file():
             raise DatasetError(annotation.path, f"image for this annotation not found in {image_dir}")
         return found
 
     report = LoadReport(name=name or image_dir.name)
-    if names is None:  # report images that have no XML: they are not part of the data set
+    if names is None and image_dir.is_dir():  # report images without XML: not part of the data set
         stems = {path.stem for _, path, _ in items}
         for path in sorted(image_dir.iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in stems:
                 report.add("image_without_annotation_ignored", path)
     records, class_names = _collect(
-        items, class_names, on_error, workers or default_workers(), report, lookup
+        items, class_names, on_error, workers or default_workers(), report, lookup, require_images
     )
     return DetectionDataset(records, class_names, list(range(1, len(class_names) + 1)), report.name), report
