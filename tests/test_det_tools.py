@@ -153,3 +153,99 @@ def test_cli_from_repo_root(folder: Path, tmp_path: Path) -> None:
     )
     assert skipped.returncode == 0 and "2 images" in skipped.stdout
     assert "files skipped on error: 1 (" in skipped.stderr and "p3.xml: malformed XML" in skipped.stderr
+
+
+# Scoring on a machine without the images: sizes come from the annotations.
+SIZED_OBJECTS = {
+    "p1": [("pear", 1, 1, 30, 30)],
+    "p2": [("plum", 5, 5, 40, 20), ("pear", 20, 20, 70, 45)],  # the pear runs off the image: clipped
+    "p3": [],
+}
+MIXED = [
+    *PERFECT,
+    *({**d, "bbox": [v + 1.5 for v in d["bbox"]], "score": d["score"] / 2} for d in PERFECT),
+    {"image_id": 3, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.95},  # top-ranked false positive
+    # IoU 0.53 with the pear clipped to the 64 px width, 0.47 unclipped: a hit only if the size is known.
+    {"image_id": 2, "category_id": 1, "bbox": [19, 19, 24, 26], "score": 0.99},
+]
+
+
+def sized_xml(stem: str) -> str:
+    body = "".join(XML[1].format(*obj) for obj in SIZED_OBJECTS[stem])
+    size = "<size><width>64</width><height>48</height></size>"
+    return f"<annotation><filename>{stem}.jpg</filename>{size}{body}</annotation>"
+
+
+def make_voc(root: Path) -> Path:
+    """A VOC devkit year directory whose XML records the true sizes (64x48)."""
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True)
+    for stem in SIZED_OBJECTS:
+        Image.new("RGB", (64, 48)).save(root / "JPEGImages" / f"{stem}.jpg")
+        (root / "Annotations" / f"{stem}.xml").write_text(sized_xml(stem))
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(SIZED_OBJECTS) + "\n")
+    return root
+
+
+def make_flat(root: Path) -> Path:
+    root.mkdir(parents=True)
+    for stem in SIZED_OBJECTS:
+        Image.new("RGB", (64, 48)).save(root / f"{stem}.jpg")
+        (root / f"{stem}.xml").write_text(sized_xml(stem))
+    return root
+
+
+def evaluate(gt: Path, metric: str, out: Path, extra: list[str], capsys) -> tuple[dict, str]:
+    dets = write_dets(out.parent / "dets.json", MIXED)
+    argv = ["--gt", str(gt), "--dets", str(dets), "--metric", metric, "--out", str(out), "--no-plots"]
+    assert run(eval_det, argv + extra) == 0
+    logged = capsys.readouterr().err
+    return json.loads((out / "metrics.json").read_text()), logged
+
+
+def scores(metrics: dict) -> dict:
+    per_class = {name: entry["AP"] for name, entry in metrics["per_class"].items()}
+    return {"mAP": metrics["mAP"], "per_class": per_class, "stats": metrics.get("stats")}
+
+
+@pytest.mark.parametrize("layout", ["voc", "folder", "coco"])
+@pytest.mark.parametrize("metric", ["voc", "coco"])
+def test_eval_det_without_image_files_gives_the_same_ap(
+    tmp_path: Path, capsys, layout: str, metric: str
+) -> None:
+    extra: list[str] = []
+    if layout == "voc":
+        gt = make_voc(tmp_path / "VOC")
+        images = sorted((gt / "JPEGImages").glob("*.jpg"))
+        extra = ["--image-set", "test", "--classes", "pear,plum"]
+    else:
+        flat = make_flat(tmp_path / "flat")
+        images = sorted(flat.glob("*.jpg"))
+        gt = flat
+        if layout == "coco":  # sizes recorded from the images by the converter
+            gt = tmp_path / "gt.json"
+            run(convert_dataset, [str(flat), "--out", str(gt)])
+    with_images, logged = evaluate(gt, metric, tmp_path / "with", extra, capsys)
+    assert "size taken from the annotation" not in logged
+    for image in images:
+        image.unlink()
+    without, logged = evaluate(gt, metric, tmp_path / "without", extra, capsys)
+    assert f"image files absent: size taken from the annotation: {len(images)}" in logged
+    assert scores(without) == scores(with_images)
+    assert 0 < without["mAP"] < 1  # false positives ranked first: a score that could differ
+    if layout != "coco":  # the clipped pear: clipped by the annotated size, as by the real one
+        assert "boxes clipped to the image: 1" in logged
+
+
+def test_eval_det_without_images_and_without_sizes_is_one_line_error(
+    folder: Path, tmp_path: Path, capsys
+) -> None:
+    # The fixture's XML says 0x0: with the images gone nothing tells the size the boxes are clipped to.
+    for image in folder.glob("*.jpg"):
+        image.unlink()
+    dets = write_dets(tmp_path / "dets.json", PERFECT)
+    assert run(eval_det, ["--gt", str(folder), "--dets", str(dets), "--out", str(tmp_path / "e")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        f"error: {folder / 'p1.jpg'}: image file not found, and its annotation has size 0x0 to use instead"
+    )

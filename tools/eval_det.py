@@ -5,6 +5,11 @@
 GT is a COCO JSON or a data set directory (VOC year dir with --image-set, ILSVRC root, folder of
 images + XML). Writes DIR/metrics.json and DIR/pr/pr_<index>_<class>.png (one precision-recall
 curve per class). With a COCO JSON as GT, ``coco`` runs pycocotools on that file exactly as given.
+
+Scoring needs only the annotations: the image files may be absent (evaluating on a machine without
+the image folder). An image that is there is read for its true size, as in training; one that is
+not takes the size its annotation records (COCO ``width``/``height``, VOC ``<size>``), and only an
+absent image whose annotation has no size (or 0x0) and which has boxes is an error.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--names-file", help="folder layouts: split list (.csv with 'filename' or .txt)")
     parser.add_argument("--classes", help="comma-separated class names (default: VOC's 20 / discovered)")
     parser.add_argument("--synsets", help="ILSVRC: meta_det.mat or 'WNID [INDEX] NAME' text mapping")
-    parser.add_argument("--image-root", help="COCO GT: folder of its images")
+    parser.add_argument("--image-root", help="COCO GT: folder of its images (optional)")
     return parser
 
 
@@ -63,6 +68,7 @@ def main(args: argparse.Namespace) -> None:
         image_root=args.image_root,
         names_file=args.names_file,
         synsets=args.synsets,
+        require_images=False,
     )
     report.log(logger)
     results = load_json(args.dets)
