@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_loader import load_tool
 
 from backbone.runtime.checkpoint import load_checkpoint
 from backbone.runtime.log import read_metrics, run_tool
@@ -137,14 +137,6 @@ def test_user_error_from_the_command_line_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "err").exists()
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("train_cls_tool", REPO / "tools" / "train_cls.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -157,7 +149,7 @@ def load_tool():
     ],
 )
 def test_user_errors_in_process(tmp_path, capsys, monkeypatch, extra, message):
-    tool = load_tool()
+    tool = load_tool("train_cls")
     monkeypatch.chdir(REPO)
     args = tool.get_args_parser().parse_args([*TINY, *extra, "--out", str(tmp_path / "err")])
     assert run_tool(tool.main, args) == 2
@@ -166,7 +158,7 @@ def test_user_errors_in_process(tmp_path, capsys, monkeypatch, extra, message):
 
 
 def test_existing_checkpoint_needs_resume_or_overwrite(tmp_path, capsys, monkeypatch):
-    tool = load_tool()
+    tool = load_tool("train_cls")
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
     out.mkdir()

@@ -12,32 +12,28 @@ weights, evaluated and exported with ``backbone.weights.save_model``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import random
-import signal
 import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
 from backbone import googlenet
-from backbone.data import CorruptImageError, build_classification_datasets, default_train_scale
+from backbone.data import build_classification_datasets, default_train_scale
 from backbone.ema import ModelEma
 from backbone.engine import batch_mix, classification_step, evaluate
 from backbone.runtime import config as cfglib
-from backbone.runtime.dist import cleanup_distributed, init_distributed, is_main_process
+from backbone.runtime.dist import is_main_process
 from backbone.runtime.errors import UserError
 from backbone.runtime.loader import ResumableLoader, build_eval_loader
-from backbone.runtime.log import run_tool, setup_logging
+from backbone.runtime.log import run_tool
 from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
-from backbone.runtime.paths import default_run_dir, resolve_data_path
-from backbone.runtime.trainer import CHECKPOINT_NAME, fit
+from backbone.runtime.paths import resolve_data_path
+from backbone.runtime.run import Run, start_run, stop_exit_code, wrap_ddp, write_summary
+from backbone.runtime.trainer import fit
 from backbone.transforms import ImageTransform, ProgressiveResizeTransform, progressive_size
 from backbone.transforms import train_transform as make_train_transform
 from backbone.weights import save_model
@@ -143,18 +139,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return cfglib.add_run_args(parser)
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-
-
 def data_root(cfg: TrainClsConfig) -> Path | None:
     root = resolve_data_path(cfg.data.root) if cfg.data.root is not None else None
     if root is not None and not root.is_dir():
@@ -237,31 +221,22 @@ def build_data(cfg: TrainClsConfig):
 
 def main(args: argparse.Namespace) -> int:
     cfg = cfglib.load_config(args.config, TrainClsConfig, args.overrides)
-    run_dir = args.out if args.out is not None else default_run_dir(args.config, "train_cls")
-    if not args.resume and not args.overwrite and (run_dir / CHECKPOINT_NAME).exists():
-        raise UserError(f"{run_dir / CHECKPOINT_NAME} exists: pass --resume to continue or --overwrite")
-    if args.resume and not (run_dir / CHECKPOINT_NAME).is_file():
-        raise UserError(f"{run_dir / CHECKPOINT_NAME}: no checkpoint to resume from")
     data_root(cfg)  # fail on a missing data set or a bad setting before creating the run directory
     check_progressive_resize(cfg.data)
     check_batch_mix(cfg.train)
-    info = init_distributed(cfg.device)
-    try:
-        return train(cfg, args, run_dir, info)
-    finally:
-        cleanup_distributed()
+    with start_run(
+        args,
+        cfg,
+        "train_cls",
+        seed=cfg.seed,
+        deterministic=cfg.deterministic,
+        threads=cfg.threads,
+        device=cfg.device,
+    ) as run:
+        return train(cfg, args, run)
 
 
-def train(cfg: TrainClsConfig, args: argparse.Namespace, run_dir: Path, info) -> int:
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed, cfg.deterministic)
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfglib.dump_config(cfg, run_dir / "config.yaml")
-    setup_logging(run_dir)
-    logger.info("run directory %s; %d process(es) on %s", run_dir, info.world_size, info.device)
-
+def train(cfg: TrainClsConfig, args: argparse.Namespace, run: Run) -> int:
     train_ds, val_ds, class_names, data_meta = build_data(cfg)
     train_loader = ResumableLoader(
         train_ds, cfg.train.batch_size, seed=cfg.seed, num_workers=cfg.data.workers, drop_last=True
@@ -275,7 +250,7 @@ def train(cfg: TrainClsConfig, args: argparse.Namespace, run_dir: Path, info) ->
         dropout=cfg.model.dropout,
     )
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(info.device, memory_format=memory_format)
+    model = model.to(run.device, memory_format=memory_format)
     ema = ModelEma(model, decay=cfg.ema.decay, warmup=cfg.ema.warmup) if cfg.ema.enabled else None
     optimizer = build_sgd(
         model,
@@ -298,48 +273,41 @@ def train(cfg: TrainClsConfig, args: argparse.Namespace, run_dir: Path, info) ->
         warmup_factor=sched.warmup_factor,
     )
     lr_scheduler = build_lr_scheduler(optimizer, factor)
-    train_model = model
-    if info.world_size > 1:
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def run_eval(eval_model: torch.nn.Module) -> dict[str, float]:
         return evaluate(
-            eval_model, val_loader, info.device, cfg.channels_last, total=len(val_loader), desc="val"
+            eval_model, val_loader, run.device, cfg.channels_last, total=len(val_loader), desc="val"
         )
 
     config_dict = cfglib.config_to_dict(cfg)
-    try:
-        result = fit(
-            model=train_model,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            train_loader=train_loader,
-            compute_loss=classification_step(
-                info.device,
-                cfg.train.aux_weight,
-                cfg.train.label_smoothing,
-                cfg.channels_last,
-                mix=batch_mix(len(class_names), cfg.train.mixup_alpha, cfg.train.cutmix_alpha),
-            ),
-            epochs=cfg.train.epochs,
-            run_dir=run_dir,
-            config=config_dict,
-            ema=ema,
-            evaluate=run_eval,
-            resume=args.resume,
-            eval_every=cfg.train.eval_every,
-            log_interval=cfg.train.log_interval,
-            grad_clip_norm=cfg.train.grad_clip_norm,
-            precision=cfg.train.precision,
-            max_steps=args.max_steps,
-            keep_every=cfg.train.keep_every,
-        )
-    except CorruptImageError as exc:
-        raise UserError(str(exc)) from None
-    if result.stopped:
-        signum = getattr(signal, result.stop_reason or "", None)
-        return 128 + int(signum) if signum is not None else 0
+    result = fit(  # a CorruptImageError (strict data) is a UserError: one line, exit code 2
+        model=wrap_ddp(model, run),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        train_loader=train_loader,
+        compute_loss=classification_step(
+            run.device,
+            cfg.train.aux_weight,
+            cfg.train.label_smoothing,
+            cfg.channels_last,
+            mix=batch_mix(len(class_names), cfg.train.mixup_alpha, cfg.train.cutmix_alpha),
+        ),
+        epochs=cfg.train.epochs,
+        run_dir=run.dir,
+        config=config_dict,
+        ema=ema,
+        evaluate=run_eval,
+        resume=args.resume,
+        eval_every=cfg.train.eval_every,
+        log_interval=cfg.train.log_interval,
+        grad_clip_norm=cfg.train.grad_clip_norm,
+        precision=cfg.train.precision,
+        max_steps=args.max_steps,
+        keep_every=cfg.train.keep_every,
+    )
+    code = stop_exit_code(result)
+    if code is not None:
+        return code
 
     final_model = ema.module if ema is not None else model
     if is_main_process():
@@ -352,10 +320,10 @@ def train(cfg: TrainClsConfig, args: argparse.Namespace, run_dir: Path, info) ->
             "val": val,
             "config": config_dict,
         }
-        save_model(run_dir / "model.pt", final_model, extra_meta=meta)
-        summary = {"epochs": result.epoch, "steps": result.global_step, **result.last_metrics}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        logger.info("exported %s (val top-1 %.2f%%)", run_dir / "model.pt", val.get("top1", float("nan")))
+        save_model(run.dir / "model.pt", final_model, extra_meta=meta)
+        logger.info("exported %s (val top-1 %.2f%%)", run.dir / "model.pt", val.get("top1", float("nan")))
+    summary = {"epochs": result.epoch, "steps": result.global_step, **result.last_metrics}
+    write_summary(run, summary, resume=args.resume)
     return 0
 
 
