@@ -2,8 +2,9 @@
 
 - ``export_classifier_onnx``: a GoogLeNet after ``fuse_for_inference`` (BatchNorm folded, the
   inception 1x1 convolutions merged), logits only, a dynamic batch axis.
-- ``export_module_onnx``: the generic step, for any module taking ``(N, 3, S, S)`` images, e.g.
-  the R-CNN region classifier in crop mode (``(N, C+1)`` logits or probabilities).
+- ``export_module_onnx``: the generic step, for any module taking ``(N, 3, S, S)`` images.
+  ``export_classifier_onnx(..., softmax=True)`` uses it for the R-CNN region classifier in crop
+  mode: warped regions in, ``(N, C+1)`` probabilities out.
 - ``check_onnx``: the largest absolute difference between onnxruntime's output and PyTorch's.
 
 onnx and onnxruntime are the optional ``export`` extra (``pip install -e '.[export]'``); they are
@@ -98,19 +99,31 @@ def export_module_onnx(
     return path
 
 
-def prepare_classifier(model: GoogLeNet) -> nn.Module:
-    """What gets exported: an eval-mode copy with BatchNorm folded and the 1x1s merged, logits only."""
+def prepare_classifier(model: GoogLeNet, softmax: bool = False) -> nn.Module:
+    """What gets exported: an eval-mode copy with BatchNorm folded and the 1x1s merged, logits only
+    (or their softmax, as the R-CNN region classifier scores regions)."""
     fused = fuse_for_inference(model, merge_1x1=True, channels_last=False)
-    return FirstOutput(fused)
+    return FirstOutput(fused, softmax=softmax)
 
 
 def export_classifier_onnx(
-    model: GoogLeNet, path: str | Path, image_size: int, opset: int = DEFAULT_OPSET
+    model: GoogLeNet,
+    path: str | Path,
+    image_size: int,
+    opset: int = DEFAULT_OPSET,
+    *,
+    softmax: bool = False,
+    input_name: str = "images",
+    output_name: str = "logits",
 ) -> Path:
     """Export a GoogLeNet classifier: input ``images`` ``(N, 3, S, S)`` normalised as by the eval
-    transform, output ``logits`` ``(N, num_classes)``, N dynamic. ``model`` itself is not changed."""
+    transform, output ``logits`` ``(N, num_classes)``, N dynamic. ``model`` itself is not changed.
+
+    ``softmax=True`` outputs probabilities instead: the detector's region classifier
+    (``RegionClassifier.backbone``) on warped crops, ``(N, C + 1)`` with background last."""
     example = torch.zeros(2, 3, image_size, image_size)  # batch 2: nothing specialises to batch 1
-    return export_module_onnx(prepare_classifier(model), path, example, ("images",), ("logits",), opset)
+    module = prepare_classifier(model, softmax=softmax)
+    return export_module_onnx(module, path, example, (input_name,), (output_name,), opset)
 
 
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:

@@ -28,6 +28,12 @@ from backbone.export import (
 from backbone.googlenet import GoogLeNet
 from backbone.runtime import run_tool
 from backbone.weights import save_model
+from detect.rcnn.model import (
+    RegionClassifierArch,
+    build_region_classifier,
+    load_detector,
+    save_detector,
+)
 
 onnx = pytest.importorskip("onnx", reason="the optional 'export' extra (make test installs it)")
 pytest.importorskip("onnxruntime", reason="the optional 'export' extra (make test installs it)")
@@ -38,6 +44,7 @@ SIZE = 64  # every stride of the network still divides it
 def load_tool(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO_ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -49,7 +56,10 @@ def trained_looking(variant: str, num_classes: int = 5) -> GoogLeNet:
     """A model whose BatchNorm layers are not the identity, so folding them is really tested:
     random affine parameters and running statistics measured on random images (as training would
     leave them, so activations, and the logits, stay of order one)."""
-    model = GoogLeNet(variant, num_classes=num_classes, aux_logits=True)
+    return calibrate(GoogLeNet(variant, num_classes=num_classes, aux_logits=True))
+
+
+def calibrate(model: GoogLeNet) -> GoogLeNet:
     generator = torch.Generator().manual_seed(1)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
@@ -173,3 +183,52 @@ def test_tool_errors_are_one_line_exit_2(checkpoint: Path, tmp_path: Path, capsy
     assert run(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and expected in err[-1]
+
+
+@pytest.fixture
+def detector_checkpoint(tmp_path: Path) -> Path:
+    """A train_det-style model file: 3 classes (4 outputs with background), 64 px crops."""
+    arch = RegionClassifierArch(variant="bn", num_classes=3, aux_logits=True, input_size=SIZE, padding=4)
+    detector = build_region_classifier(arch)
+    calibrate(detector.backbone)
+    path = tmp_path / "det" / "model.pt"
+    save_detector(path, detector, {"class_names": ["x", "y", "z"], "data": {"shorter_side": 80}})
+    return path
+
+
+def test_tool_exports_a_detector_region_classifier(detector_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    images = write_images(tmp_path / "images")
+    argv = ["--checkpoint", str(detector_checkpoint), *[a for p in images for a in ("--image", str(p))]]
+    assert run(argv) == 0
+    printed = capsys.readouterr().out
+    assert "region_classifier.onnx" in printed and "2 real image(s)" in printed
+    worst = float(re.search(r"^max abs difference (\S+) \(tolerance 0.001\)$", printed, re.M).group(1))
+    assert 0 < worst < 1e-4
+    folder = detector_checkpoint.parent
+    info = json.loads((folder / "region_classifier.json").read_text())
+    assert info["class_names"] == ["x", "y", "z", "__background__"]
+    assert info["input"] == {"name": "regions", "shape": ["batch", 3, SIZE, SIZE]}
+    assert info["output"] == {"name": "probs", "shape": ["batch", 4]}
+    assert info["preprocessing"]["image_shorter_side"] == 80
+    session = onnx_session(folder / "region_classifier.onnx")
+    probs = run_onnx(session, np.random.default_rng(0).normal(size=(5, 3, SIZE, SIZE)))
+    assert probs.shape == (5, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # The same softmax the detector's own region scoring gives on these crops.
+    detector, _ = load_detector(detector_checkpoint)
+    crops = torch.from_numpy(np.random.default_rng(1).normal(size=(3, 3, SIZE, SIZE)).astype(np.float32))
+    with torch.no_grad():
+        expected = torch.softmax(detector.backbone(crops).logits, dim=1).numpy()
+    np.testing.assert_allclose(run_onnx(session, crops), expected, rtol=0, atol=1e-4)
+
+
+def test_tool_detector_over_tolerance_and_wrong_size_exit_2(
+    detector_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    base = ["--checkpoint", str(detector_checkpoint), "--out", str(tmp_path / "o")]
+    assert run([*base, "--tolerance", "1e-12"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"error: .*region_classifier\.onnx: onnxruntime and PyTorch differ by .*", err[-1])
+    assert run([*base, "--image-size", "96"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "warps regions to 64 px" in err[-1]
