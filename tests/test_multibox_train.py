@@ -1,10 +1,9 @@
-"""A tiny MultiBox training run through tools/train_multibox.py: loss falls, recall rises, resume works."""
+"""A tiny MultiBox training run through tools/train_multibox.py: loss falls, recall rises, resume works;
+and detect.proposals.multibox_train's records and split."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import cv2
@@ -12,26 +11,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tool_loader import load_tool
 
 from backbone import googlenet
 from backbone.runtime.errors import UserError
 from backbone.runtime.log import read_metrics
 from backbone.weights import save_model
 from detect.datasets import DetectionDataset, DetectionRecord, write_coco_json
+from detect.datasets.spec import DatasetSpec
 from detect.proposals.multibox import load_multibox
+from detect.proposals.multibox_train import load_records, split_train_val
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("train_multibox_tool", REPO / "tools" / "train_multibox.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-train_multibox = load_tool()
+train_multibox = load_tool("train_multibox")
 
 
 def square_scenes(root: Path, count: int) -> Path:
@@ -122,3 +116,55 @@ def test_stopped_run_resumes_to_the_same_model(tmp_path: Path) -> None:
     part, _, _ = load_multibox(tmp_path / "part" / "model.pt")
     for (name, a), b in zip(full.state_dict().items(), part.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name, rtol=1e-4, atol=1e-5)
+
+
+def test_load_records_keeps_unique_ids_and_never_renumbers_in_place(tmp_path: Path, monkeypatch) -> None:
+    import detect.proposals.multibox_train as multibox_train
+
+    a = square_scenes(tmp_path / "a", 3)  # ids 1..3 in each set
+    b = square_scenes(tmp_path / "b", 2)
+    opened = {}
+    real_open = multibox_train.open_dataset_spec
+
+    def spy(spec):
+        opened[spec.path] = real_open(spec)
+        return opened[spec.path]
+
+    monkeypatch.setattr(multibox_train, "open_dataset_spec", spy)
+    records = load_records((DatasetSpec(str(a)), DatasetSpec(str(b))))
+    assert [r.image_id for r in records] == [1, 2, 3, 4, 5]  # clashing ids: copies numbered 1..N
+    assert [r.image_id for r in opened[str(b)][0].records] == [1, 2]  # the data set's own: untouched
+    assert records[3] is not opened[str(b)][0].records[0]
+    assert records[3].file_name == opened[str(b)][0].records[0].file_name
+    only_a = load_records((DatasetSpec(str(a)),))
+    assert [r.image_id for r in only_a] == [1, 2, 3]
+    assert all(x is y for x, y in zip(only_a, opened[str(a)][0].records, strict=True))  # as they are
+    with pytest.raises(ValueError, match="no data set"):
+        load_records(())
+
+
+def test_split_train_val_is_seeded_and_refuses_an_empty_side() -> None:
+    records = [DetectionRecord(i, f"{i}.png", 8, 8) for i in range(1, 11)]
+    train, val = split_train_val(records, 0.3, seed=1)
+    assert len(train) == 7 and len(val) == 3
+    assert sorted(r.image_id for r in train + val) == list(range(1, 11))
+    again = split_train_val(records, 0.3, seed=1)
+    assert [r.image_id for r in again[1]] == [r.image_id for r in val]
+    for fraction in (0.0, 1.0):
+        with pytest.raises(
+            ValueError, match=f"val_fraction {fraction} leaves no train or no val image of 10"
+        ):
+            split_train_val(records, fraction, seed=0)
+
+
+def test_config_errors_name_their_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path, epochs=1)
+    out = str(tmp_path / "err")
+    with pytest.raises(UserError, match=r"^data\.val_fraction 0\.0 leaves no train"):
+        run("--config", str(config), "--out", out, "--set", "data.val_fraction=0.0")
+    with pytest.raises(UserError, match="^data.train: no training data set given"):
+        run("--config", str(config), "--out", out, "--overwrite", "--set", "data.train=[]")
+    with pytest.raises(UserError, match="^model: "):
+        run("--config", str(config), "--out", out, "--overwrite", "--set", "model.stage=inception9z")
+    with pytest.raises(UserError, match="no such weights file"):  # a WeightsError, not wrapped
+        run("--config", str(config), "--out", out, "--overwrite", "--set", f"model.init={tmp_path / 'no.pt'}")

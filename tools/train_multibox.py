@@ -15,39 +15,35 @@ tools/propose.py reads.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import signal
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from backbone import googlenet
 from backbone.runtime import config as cfglib
-from backbone.runtime.dist import all_reduce_sum, cleanup_distributed, init_distributed, is_main_process
+from backbone.runtime.dist import is_main_process
 from backbone.runtime.errors import UserError
 from backbone.runtime.loader import ResumableLoader, build_eval_loader
-from backbone.runtime.log import run_tool, setup_logging
+from backbone.runtime.log import run_tool
 from backbone.runtime.optim import build_lr_scheduler, lr_factor_fn
-from backbone.runtime.paths import default_run_dir, resolve_data_path
-from backbone.runtime.trainer import CHECKPOINT_NAME, StepOutput, fit
-from backbone.weights import WeightsError, load_model
+from backbone.runtime.run import Run, start_run, stop_exit_code, wrap_ddp, write_summary
+from backbone.runtime.trainer import fit
 from detect.datasets import DetectionRecord
-from detect.datasets.spec import DatasetSpec, open_dataset_spec
-from detect.proposals.multibox import (
-    MultiBoxArch,
-    MultiBoxNet,
-    build_multibox,
-    kmeans_priors,
-    multibox_loss,
-    recall_at_k,
-    save_multibox,
-)
+from detect.datasets.spec import DatasetSpec
+from detect.proposals.multibox import MultiBoxArch, MultiBoxNet, kmeans_priors, save_multibox
 from detect.proposals.multibox_data import MultiBoxDataset, all_gt_boxes, collate_multibox
+from detect.proposals.multibox_train import (
+    build_model,
+    build_optimizer,
+    evaluate_multibox,
+    load_backbone,
+    load_records,
+    multibox_step,
+    split_train_val,
+)
 
 logger = logging.getLogger("train_multibox")
 
@@ -102,8 +98,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TrainMultiBoxConfig:
     seed: int = 0
+    deterministic: bool = False  # deterministic algorithms (bit-exact resume on CPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = None
+    threads: int | None = None  # torch intra-op threads per process (None: torch's default)
     channels_last: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -118,140 +115,54 @@ def get_args_parser() -> argparse.ArgumentParser:
     return cfglib.add_run_args(parser)
 
 
-def load_records(splits: tuple[DatasetSpec, ...]) -> list[DetectionRecord]:
-    """All records of the listed splits, with image ids renumbered to stay unique across sets."""
-    if not splits:
+def main(args: argparse.Namespace) -> int:
+    cfg = cfglib.load_config(args.config, TrainMultiBoxConfig, args.overrides)
+    with start_run(
+        args,
+        cfg,
+        "train_multibox",
+        seed=cfg.seed,
+        deterministic=cfg.deterministic,
+        threads=cfg.threads,
+        device=cfg.device,
+    ) as run:
+        return train(cfg, args, run)
+
+
+def open_data(data: DataConfig) -> tuple[list[DetectionRecord], list[DetectionRecord]]:
+    """The training records split into train and val, with the config keys in the errors."""
+    if not data.train:
         raise UserError("data.train: no training data set given")
-    records: list[DetectionRecord] = []
-    for split in splits:
-        dataset, report = open_dataset_spec(split)
-        logger.info("%s: %d images; %s", split.path, len(dataset.records), report)
-        for record in dataset.records:
-            record.image_id = len(records) + 1
-            records.append(record)
-    return records
+    records = load_records(data.train)  # a data set that cannot be read is a DatasetError (UserError)
+    try:
+        return split_train_val(records, data.val_fraction, data.split_seed)
+    except ValueError as err:
+        raise UserError(f"data.{err}") from None
 
 
-def split_train_val(records: list[DetectionRecord], fraction: float, seed: int):
-    order = np.random.default_rng(seed).permutation(len(records))
-    n_val = int(round(len(records) * fraction))
-    if n_val == 0 or n_val == len(records):
-        raise UserError(f"data.val_fraction {fraction} leaves no train or no val image of {len(records)}")
-    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
-
-
-def build_model(
+def make_model(
     cfg: ModelConfig, priors: np.ndarray, image_size: int
 ) -> tuple[MultiBoxNet, MultiBoxArch, dict]:
-    if cfg.init is not None:
-        try:
-            backbone, init_meta = load_model(resolve_data_path(cfg.init), aux_logits=False)
-        except WeightsError as err:
-            raise UserError(str(err)) from None
-        trained_from = {
-            "init": str(cfg.init),
-            "init_val": init_meta.get("val"),
-            "init_data": init_meta.get("data"),
-        }
-    else:
-        backbone = googlenet(cfg.variant, num_classes=1, aux_logits=False)
-        trained_from = {"init": None, "note": "backbone randomly initialised (no train_cls checkpoint)"}
-    arch = MultiBoxArch(
-        variant=backbone.variant,
-        stage=cfg.stage,
-        num_priors=cfg.num_priors,
-        reduced_channels=cfg.reduced_channels,
-        grid=cfg.grid,
-        dropout=cfg.dropout,
-        transform_input=backbone.transform_input,
-        image_size=image_size,
-    )
+    backbone, trained_from = load_backbone(cfg.init, cfg.variant)  # WeightsError: a UserError
     try:
-        model = build_multibox(backbone, priors, arch)
-        model.freeze_through(cfg.freeze_through)
+        model, arch = build_model(
+            backbone,
+            priors,
+            image_size=image_size,
+            stage=cfg.stage,
+            num_priors=cfg.num_priors,
+            reduced_channels=cfg.reduced_channels,
+            grid=cfg.grid,
+            dropout=cfg.dropout,
+            freeze_through=cfg.freeze_through,
+        )
     except ValueError as err:
         raise UserError(f"model: {err}") from None
     return model, arch, trained_from
 
 
-def build_optimizer(model: MultiBoxNet, cfg: OptimConfig) -> torch.optim.Optimizer:
-    head = [p for p in model.head.parameters() if p.requires_grad]
-    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    groups = [{"params": head, "lr": cfg.lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_factor})
-    if cfg.kind == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def multibox_step(device: torch.device, alpha: float, priors: torch.Tensor | None, channels_last: bool):
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def compute(model: torch.nn.Module, batch) -> StepOutput:
-        images, boxes = batch
-        pred_boxes, logits = model(images.to(device, memory_format=memory_format))
-        # Matching and loss in fp32, whatever the autocast precision of the forward pass.
-        parts = multibox_loss(
-            pred_boxes.float(), logits.float(), [b.to(device) for b in boxes], alpha, priors
-        )
-        metrics = {"loc": float(parts["loc"].detach()), "conf": float(parts["conf"].detach())}
-        return StepOutput(loss=parts["loss"], batch_size=int(images.shape[0]), metrics=metrics)
-
-    return compute
-
-
-@torch.no_grad()
-def evaluate_multibox(
-    model,
-    loader,
-    device,
-    alpha: float,
-    priors: torch.Tensor | None,
-    top_ks: tuple[int, ...],
-    channels_last: bool,
-):
-    """Validation loss and recall of ground truth at IoU 0.5 by the top-k boxes, over all ranks."""
-    model.eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    sums = {"loss": 0.0, "images": 0.0, "boxes": 0.0} | {f"hits@{k}": 0.0 for k in top_ks}
-    for images, boxes in loader:
-        pred_boxes, logits = model(images.to(device, memory_format=memory_format))
-        boxes = [b.to(device) for b in boxes]
-        sums["loss"] += float(multibox_loss(pred_boxes, logits, boxes, alpha, priors)["loss"]) * len(images)
-        sums["images"] += len(images)
-        for k in top_ks:
-            hits, total = recall_at_k(pred_boxes, logits, boxes, k)
-            sums[f"hits@{k}"] += hits
-        sums["boxes"] += sum(b.shape[0] for b in boxes)
-    totals = all_reduce_sum(sums)
-    out = {"loss": totals["loss"] / max(totals["images"], 1)}
-    out |= {f"recall@{k}": 100.0 * totals[f"hits@{k}"] / max(totals["boxes"], 1) for k in top_ks}
-    return out
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = cfglib.load_config(args.config, TrainMultiBoxConfig, args.overrides)
-    run_dir = args.out if args.out is not None else default_run_dir(args.config, "train_multibox")
-    if not args.resume and not args.overwrite and (run_dir / CHECKPOINT_NAME).exists():
-        raise UserError(f"{run_dir / CHECKPOINT_NAME} exists: pass --resume to continue or --overwrite")
-    info = init_distributed(cfg.device)
-    try:
-        return train(cfg, args, run_dir, info)
-    finally:
-        cleanup_distributed()
-
-
-def train(cfg: TrainMultiBoxConfig, args: argparse.Namespace, run_dir: Path, info) -> int:
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfglib.dump_config(cfg, run_dir / "config.yaml")
-    setup_logging(run_dir)
-    records = load_records(cfg.data.train)
-    train_records, val_records = split_train_val(records, cfg.data.val_fraction, cfg.data.split_seed)
+def train(cfg: TrainMultiBoxConfig, args: argparse.Namespace, run: Run) -> int:
+    train_records, val_records = open_data(cfg.data)
     gt = all_gt_boxes(train_records)
     if len(gt) == 0:
         raise UserError("data.train: the training images hold no ground-truth boxes")
@@ -271,24 +182,23 @@ def train(cfg: TrainMultiBoxConfig, args: argparse.Namespace, run_dir: Path, inf
     )
     val_loader = build_eval_loader(val_ds, data.eval_batch_size, data.workers, collate_fn=collate_multibox)
 
-    model, arch, trained_from = build_model(cfg.model, priors, data.image_size)
+    model, arch, trained_from = make_model(cfg.model, priors, data.image_size)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(info.device, memory_format=memory_format)
-    optimizer = build_optimizer(model, cfg.optim)
+    model = model.to(run.device, memory_format=memory_format)
+    optim = cfg.optim
+    optimizer = build_optimizer(
+        model, optim.kind, optim.lr, optim.backbone_lr_factor, optim.momentum, optim.weight_decay
+    )
     factor = lr_factor_fn(
         "cosine", len(train_loader) or 1, cfg.train.epochs, warmup_epochs=cfg.train.warmup_epochs
     )
     lr_scheduler = build_lr_scheduler(optimizer, factor)
-    train_model = model
-    if info.world_size > 1:
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     match_priors = model.head.priors if cfg.train.match == "priors" else None
     top_ks = tuple(k for k in cfg.train.recall_top_k if k <= cfg.model.num_priors) or (cfg.model.num_priors,)
 
     def run_eval(eval_model: torch.nn.Module) -> dict[str, float]:
         return evaluate_multibox(
-            eval_model, val_loader, info.device, cfg.train.alpha, match_priors, top_ks, cfg.channels_last
+            eval_model, val_loader, run.device, cfg.train.alpha, match_priors, top_ks, cfg.channels_last
         )
 
     initial = run_eval(model) if not args.resume else None
@@ -296,13 +206,13 @@ def train(cfg: TrainMultiBoxConfig, args: argparse.Namespace, run_dir: Path, inf
         logger.info("before training: %s", ", ".join(f"val_{k} {v:.4g}" for k, v in initial.items()))
     config_dict = cfglib.config_to_dict(cfg)
     result = fit(
-        model=train_model,
+        model=wrap_ddp(model, run),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         train_loader=train_loader,
-        compute_loss=multibox_step(info.device, cfg.train.alpha, match_priors, cfg.channels_last),
+        compute_loss=multibox_step(run.device, cfg.train.alpha, match_priors, cfg.channels_last),
         epochs=cfg.train.epochs,
-        run_dir=run_dir,
+        run_dir=run.dir,
         config=config_dict,
         evaluate=run_eval,
         resume=args.resume,
@@ -312,9 +222,9 @@ def train(cfg: TrainMultiBoxConfig, args: argparse.Namespace, run_dir: Path, inf
         precision=cfg.train.precision,
         max_steps=args.max_steps,
     )
-    if result.stopped:
-        signum = getattr(signal, result.stop_reason or "", None)
-        return 128 + int(signum) if signum is not None else 0
+    code = stop_exit_code(result)
+    if code is not None:
+        return code
     if is_main_process():
         val = {k[4:]: v for k, v in result.last_metrics.items() if k.startswith("val_")}
         meta = {
@@ -323,15 +233,14 @@ def train(cfg: TrainMultiBoxConfig, args: argparse.Namespace, run_dir: Path, inf
             "config": config_dict,
             "num_train_images": len(train_ds),
         }
-        save_multibox(run_dir / "model.pt", model, arch, meta)
-        summary_path = run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if args.resume and summary_path.is_file() else {}
-        summary = {"initial_val": initial or summary.get("initial_val"), "epochs": result.epoch}
-        summary |= {"steps": result.global_step, **result.last_metrics, "trained_from": trained_from}
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        save_multibox(run.dir / "model.pt", model, arch, meta)
         logger.info(
-            "exported %s (%s)", run_dir / "model.pt", ", ".join(f"{k} {v:.4g}" for k, v in val.items())
+            "exported %s (%s)", run.dir / "model.pt", ", ".join(f"{k} {v:.4g}" for k, v in val.items())
         )
+    # A resumed run measured nothing before training: the first run's initial_val is kept.
+    summary = {"initial_val": initial} if initial is not None else {}
+    summary |= {"epochs": result.epoch, "steps": result.global_step, **result.last_metrics}
+    write_summary(run, summary | {"trained_from": trained_from}, resume=args.resume)
     return 0
 
 
