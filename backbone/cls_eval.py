@@ -2,22 +2,32 @@
 
 ``predict_multi_crop`` runs one model over a loader of ``(crops (B, N, S, S, 3) uint8, labels)``
 batches (``backbone.transforms.MultiCropTransform``) and returns the softmax averaged over each
-image's N crops. Ensembles average these per-model probabilities (``tools/eval_cls.py``).
+image's N crops. ``predict_ensemble`` runs several checkpoints over one data set (each at its own
+crop size, BatchNorm folded) and averages these per-model probabilities (``tools/eval_cls.py``).
 ``classification_report`` turns probabilities into top-1/top-5 error, per-class accuracy and a
 confusion matrix; ``save_confusion_png`` draws the latter.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
-from backbone.transforms import normalize_crops
+from backbone.inference import fuse_for_inference
+from backbone.runtime.loader import limit_worker_threads
+from backbone.transforms import MultiCropTransform, normalize_crops
+
+logger = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -56,6 +66,89 @@ def predict_multi_crop(
         if progress is not None:
             progress.update(num_images)
     return np.concatenate(all_probs), np.concatenate(all_labels)
+
+
+@dataclass
+class EnsembleMember:
+    """One checkpoint of an ensemble: where it came from, the model and the crop size it is tested at."""
+
+    checkpoint: str | Path
+    model: nn.Module
+    image_size: int
+
+
+@dataclass
+class EnsemblePrediction:
+    """``probs`` (M, C) float64: the members' crop-averaged softmax averaged over the members;
+    ``members``: per checkpoint its top-1 error and speed; ``member_probs``: each member's (M, C)
+    float32 probabilities when asked for (``keep_member_probs``), else empty."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    members: list[dict[str, Any]]
+    member_probs: list[np.ndarray] = field(default_factory=list)
+
+
+def predict_ensemble(
+    members: Sequence[EnsembleMember],
+    dataset: Dataset,
+    class_names: Sequence[str],
+    crops: int,
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    workers: int = 1,
+    fuse: bool = True,
+    bf16: bool = False,
+    keep_member_probs: bool = False,
+) -> EnsemblePrediction:
+    """Each member over ``dataset`` (only ``indices`` when given) with ``crops`` crops per image.
+
+    ``dataset`` must have a settable ``transform`` (``ImageClassificationDataset``, the synthetic
+    set): it becomes each member's ``MultiCropTransform`` in turn. ``fuse`` folds BatchNorm into the
+    convolutions first (``fuse_for_inference``); ``batch_size`` defaults to about 256 crops.
+    """
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    subset = dataset if indices is None else Subset(dataset, list(indices))
+    batch_size = batch_size or max(1, 256 // crops)
+    total, labels, member_probs, summaries = None, None, [], []
+    for member in members:
+        size = member.image_size
+        dataset.transform = MultiCropTransform(size, crops, train_size=size)
+        model = fuse_for_inference(member.model) if fuse else member.model
+        model = model.to(memory_format=torch.channels_last)
+        loader = DataLoader(
+            subset,
+            batch_size=batch_size,
+            num_workers=workers,
+            shuffle=False,
+            worker_init_fn=limit_worker_threads,  # OpenCV's own threads would fight the model's
+        )
+        tick = time.perf_counter()
+        with tqdm(total=len(subset), desc=Path(member.checkpoint).name, unit="img") as bar:
+            probs, labels = predict_multi_crop(model, loader, progress=bar, bf16=bf16)
+        seconds = time.perf_counter() - tick
+        report = classification_report(probs, labels, class_names)
+        summaries.append(
+            {
+                "checkpoint": str(member.checkpoint),
+                "image_size": size,
+                "top1_error": report["top1_error"],
+                "seconds": seconds,
+                "images_per_second": len(subset) / seconds,
+            }
+        )
+        logger.info(
+            "%s: top-1 error %.2f%% (%.1f images/s)",
+            member.checkpoint,
+            report["top1_error"],
+            len(subset) / seconds,
+        )
+        total = probs if total is None else total + probs
+        if keep_member_probs:
+            member_probs.append(probs.astype(np.float32))
+    return EnsemblePrediction(total / len(members), labels, summaries, member_probs)
 
 
 def classification_report(

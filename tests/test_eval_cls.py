@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from tool_loader import load_tool
 from torch import nn
 from torch.utils.data import DataLoader
 
 from backbone import googlenet
-from backbone.cls_eval import classification_report, predict_multi_crop
+from backbone.cls_eval import EnsembleMember, classification_report, predict_ensemble, predict_multi_crop
 from backbone.synthetic import SHAPE_CLASSES, SyntheticShapesDataset
 from backbone.transforms import MultiCropTransform, multi_crop, normalize_crops
 from backbone.weights import save_model
 
-
-def _load_tool():
-    # tools/ holds scripts, not a package: load the file itself, independent of the working directory.
-    spec = importlib.util.spec_from_file_location("eval_cls_tool", REPO_ROOT / "tools" / "eval_cls.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_cls = _load_tool()
+eval_cls = load_tool("eval_cls")
 
 
 def test_report_top1_top5_per_class_and_confusion_by_hand():
@@ -75,6 +65,52 @@ def test_softmax_is_averaged_over_each_images_crops():
     low, _ = predict_multi_crop(with_conv, loader, bf16=True)
     full, _ = predict_multi_crop(with_conv, loader)
     assert not np.array_equal(low, full) and np.allclose(low, full, atol=0.02)  # bf16 reached the conv
+
+
+class ShapeLogits(nn.Module):
+    """MeanColour's three logits then zeros: one logit per synthetic shape class."""
+
+    def __init__(self, first: nn.Module) -> None:
+        super().__init__()
+        self.first = first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.first(x)
+        return torch.cat([logits, logits.new_zeros(len(logits), len(SHAPE_CLASSES) - 3)], dim=1)
+
+
+def test_predict_ensemble_averages_its_members_each_at_its_own_crop_size():
+    dataset = SyntheticShapesDataset(6, 40, seed=1)
+    torch.manual_seed(0)
+    conv = ShapeLogits(nn.Sequential(nn.Conv2d(3, 3, 1), MeanColour()))
+    members = [
+        EnsembleMember("a/plain.pt", ShapeLogits(MeanColour()), 32),
+        EnsembleMember("b/conv.pt", conv, 24),
+    ]
+    names, chosen = list(SHAPE_CLASSES), [0, 2, 5]
+    result = predict_ensemble(
+        members,
+        dataset,
+        names,
+        10,
+        indices=chosen,
+        batch_size=2,
+        workers=0,
+        fuse=False,
+        keep_member_probs=True,
+    )
+    alone = []
+    for member in members:
+        dataset.transform = MultiCropTransform(member.image_size, 10, train_size=member.image_size)
+        loader = DataLoader(torch.utils.data.Subset(dataset, chosen), batch_size=3)
+        alone.append(predict_multi_crop(member.model, loader)[0])
+    np.testing.assert_allclose(result.probs, (alone[0] + alone[1]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(result.member_probs[1], alone[1], rtol=1e-6)
+    assert result.labels.tolist() == [dataset.targets[i] for i in chosen]
+    assert [m["checkpoint"] for m in result.members] == ["a/plain.pt", "b/conv.pt"]
+    assert [m["image_size"] for m in result.members] == [32, 24] and result.members[0]["seconds"] > 0
+    plain = predict_ensemble(members[:1], dataset, names, 1, workers=0, fuse=False)
+    assert plain.probs.shape == (6, len(names)) and plain.member_probs == []
 
 
 @pytest.fixture(scope="module")

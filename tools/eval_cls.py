@@ -21,14 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
-from backbone.cls_eval import classification_report, predict_multi_crop, save_confusion_png
-from backbone.data import SPLITS, CorruptImageError, build_classification_datasets
-from backbone.inference import fuse_for_inference
+from backbone.cls_eval import EnsembleMember, classification_report, predict_ensemble, save_confusion_png
+from backbone.data import SPLITS, build_classification_datasets
 from backbone.runtime import UserError, resolve_data_path, run_tool, setup_logging
-from backbone.runtime.loader import limit_worker_threads
 from backbone.transforms import CROP_COUNTS, MultiCropTransform
 from backbone.weights import load_model
 
@@ -77,10 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def load_models(paths: list[Path]) -> list[tuple[Path, torch.nn.Module, dict[str, Any]]]:
     models = []
     for path in paths:
-        try:
-            model, meta = load_model(path, aux_logits=False)
-        except ValueError as err:  # WeightsError: one line naming the file
-            raise UserError(str(err)) from None
+        model, meta = load_model(path, aux_logits=False)  # WeightsError: a UserError naming the file
         models.append((path, model, meta))
     first_names = models[0][2].get("class_names")
     for path, _, meta in models[1:]:
@@ -147,58 +140,32 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(
                 f"{path}: the model has {model.num_classes} classes, the data set {len(class_names)}"
             )
-    dataset = val_ds
+    indices = None
     if args.limit is not None and args.limit < len(val_ds):
-        dataset = Subset(
-            val_ds, np.unique(np.linspace(0, len(val_ds) - 1, args.limit).round().astype(int)).tolist()
-        )
-    batch_size = args.batch_size or max(1, 256 // args.crops)
-    logger.info("%d images, %d crops each, %d checkpoint(s)", len(dataset), args.crops, len(models))
+        indices = np.unique(np.linspace(0, len(val_ds) - 1, args.limit).round().astype(int)).tolist()
+    num_images = len(val_ds) if indices is None else len(indices)
+    logger.info("%d images, %d crops each, %d checkpoint(s)", num_images, args.crops, len(models))
 
-    total, model_probs = None, []  # per-model probabilities are kept only to be saved
-    per_model = []
     start = time.perf_counter()
-    for path, model, meta in models:
-        size = image_size_of(args, path, meta)
-        val_ds.transform = MultiCropTransform(size, args.crops, train_size=size)
-        model = model if args.no_fuse else fuse_for_inference(model)
-        model = model.to(memory_format=torch.channels_last)
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=args.workers,
-            shuffle=False,
-            worker_init_fn=limit_worker_threads,  # OpenCV's own threads would fight the model's
-        )
-        tick = time.perf_counter()
-        with tqdm(total=len(dataset), desc=path.name, unit="img") as bar:
-            try:
-                probs, labels = predict_multi_crop(model, loader, progress=bar, bf16=args.bf16)
-            except CorruptImageError as err:
-                raise UserError(str(err)) from None
-        seconds = time.perf_counter() - tick
-        report = classification_report(probs, labels, class_names)
-        per_model.append(
-            {
-                "checkpoint": str(path),
-                "image_size": size,
-                "top1_error": report["top1_error"],
-                "seconds": seconds,
-                "images_per_second": len(dataset) / seconds,
-            }
-        )
-        logger.info(
-            "%s: top-1 error %.2f%% (%.1f images/s)", path, report["top1_error"], len(dataset) / seconds
-        )
-        total = probs if total is None else total + probs
-        if args.save_probs:
-            model_probs.append(probs.astype(np.float32))
-    probs = total / len(models)
+    members = [EnsembleMember(path, model, image_size_of(args, path, meta)) for path, model, meta in models]
+    ensemble = predict_ensemble(  # an undecodable image (--strict) is a CorruptImageError: a UserError
+        members,
+        val_ds,
+        class_names,
+        args.crops,
+        indices=indices,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        fuse=not args.no_fuse,
+        bf16=args.bf16,
+        keep_member_probs=args.save_probs,  # per-model probabilities are kept only to be saved
+    )
+    probs, labels = ensemble.probs, ensemble.labels
     report = classification_report(probs, labels, class_names)
     result = {
         "crops": args.crops,
         "precision": "bf16" if args.bf16 else "fp32",
-        "checkpoints": per_model,
+        "checkpoints": ensemble.members,
         "data_root": str(settings["root"]) if settings["root"] else "synthetic",
         "seconds": time.perf_counter() - start,
         **report,
@@ -207,7 +174,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_cls.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if args.save_probs:
-        arrays = {f"model_{i}": p for i, p in enumerate(model_probs)}
+        arrays = {f"model_{i}": p for i, p in enumerate(ensemble.member_probs)}
         np.savez_compressed(out / "probs.npz", labels=labels, ensemble=probs.astype(np.float32), **arrays)
     title = f"{len(models)} model(s), {args.crops} crop(s): top-1 error {report['top1_error']:.2f}%"
     save_confusion_png(np.asarray(report["confusion_matrix"]), class_names, out / "confusion.png", title)
