@@ -1,7 +1,7 @@
 """Classification training step and evaluation for GoogLeNet.
 
-``train_one_epoch`` is the task-agnostic loop of ``backbone.runtime.trainer`` with the paper's
-loss: ``main + aux_weight * (aux1 + aux2)`` (aux_weight 0.3, section 5). ``evaluate`` returns
+``classification_step`` is the ``compute_loss`` that ``backbone.runtime.trainer.fit`` runs, with the
+paper's loss: ``main + aux_weight * (aux1 + aux2)`` (aux_weight 0.3, section 5). ``evaluate`` returns
 top-1 / top-5 accuracy (percent) and mean loss, summed exactly over all ranks.
 """
 
@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from backbone.googlenet import GoogLeNetOutputs
 from backbone.runtime.dist import all_reduce_sum
 from backbone.runtime.log import Progress
-from backbone.runtime.trainer import EpochOutcome, StepOutput, train_epoch
+from backbone.runtime.trainer import StepOutput
 
 AUX_WEIGHT = 0.3  # the paper's discount of the auxiliary classifiers' losses
 
@@ -93,36 +93,6 @@ def classification_step(
         return StepOutput(loss=loss, batch_size=int(labels.shape[0]), metrics=parts | {"top1": top1})
 
     return compute
-
-
-def train_one_epoch(
-    model: nn.Module,
-    batches: Iterable[Any],
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
-    *,
-    epoch: int,
-    steps_per_epoch: int,
-    aux_weight: float = AUX_WEIGHT,
-    label_smoothing: float = 0.0,
-    channels_last: bool = True,
-    mix: BatchMix | None = None,
-    **loop_options: Any,
-) -> EpochOutcome:
-    """One epoch of classification training (see ``backbone.runtime.trainer.train_epoch`` for
-    ``start_step``, ``ema``, ``stop``, ``max_steps``, ``metrics`` and the other loop options)."""
-    step = classification_step(device, aux_weight, label_smoothing, channels_last, mix)
-    return train_epoch(
-        model,
-        batches,
-        step,
-        optimizer,
-        lr_scheduler,
-        epoch=epoch,
-        steps_per_epoch=steps_per_epoch,
-        **loop_options,
-    )
 
 
 @torch.inference_mode()
