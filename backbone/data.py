@@ -51,7 +51,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from backbone.data_index import (
-    DataSetError,
+    DatasetError,
     dedupe_samples,
     find_val_label_file,
     read_val_labels,
@@ -88,9 +88,9 @@ class ImageClassificationDataset(Dataset):
         augment_seed: int = 0,
     ) -> None:
         if not samples:
-            raise DataSetError("data set has no samples")
+            raise DatasetError("data set has no samples")
         if cache is not None and len(cache) != len(samples):
-            raise DataSetError(f"cache holds {len(cache)} images for {len(samples)} samples")
+            raise DatasetError(f"cache holds {len(cache)} images for {len(samples)} samples")
         self.samples = list(samples)
         self.class_names = list(class_names)
         self.transform = transform
@@ -148,10 +148,10 @@ class ImageClassificationDataset(Dataset):
 
 def _resolve_split(root: Path, split: str) -> str:
     if split not in SPLITS:
-        raise DataSetError(f"split must be one of {SPLITS}, got {split!r}")
+        raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
     has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
     if split == "folders" and not (has_train and has_val):
-        raise DataSetError(f"{root}: split='folders' needs train/ and val/ subfolders")
+        raise DatasetError(f"{root}: split='folders' needs train/ and val/ subfolders")
     if split == "auto":
         return "folders" if has_train and has_val else "stratified"
     return split
@@ -165,12 +165,12 @@ def _val_samples(
         samples, val_classes = scan_class_folders(val_dir)
         unknown = sorted(set(val_classes) - set(class_names))
         if unknown:
-            raise DataSetError(f"{val_dir}: class folders not in train/: {', '.join(unknown[:5])}")
+            raise DatasetError(f"{val_dir}: class folders not in train/: {', '.join(unknown[:5])}")
         remap = [class_names.index(name) for name in val_classes]
         return [(path, remap[label]) for path, label in samples]
     label_file = Path(val_labels) if val_labels else find_val_label_file(root, val_dir)
     if label_file is None:
-        raise DataSetError(
+        raise DatasetError(
             f"{val_dir}: flat validation images need a label file (LOC_val_solution.csv or val_labels=FILE)"
         )
     return read_val_labels(label_file, val_dir, class_names)
@@ -220,7 +220,7 @@ def build_classification_datasets(
         )
     root = Path(root)
     if not root.is_dir():
-        raise DataSetError(f"{root}: data set folder not found")
+        raise DatasetError(f"{root}: data set folder not found")
     mode = _resolve_split(root, split)
     train_dir = root / "train" if (root / "train").is_dir() else root
     train_samples, class_names = scan_class_folders(train_dir)
@@ -230,7 +230,7 @@ def build_classification_datasets(
             train_samples, val_samples = dedupe_samples(train_samples, val_samples, class_names)
     else:
         if not 0.0 < val_fraction < 1.0:
-            raise DataSetError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise DatasetError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if dedupe:
             train_samples, _ = dedupe_samples(train_samples, [], class_names)
         train_idx, val_idx = stratified_split([label for _, label in train_samples], val_fraction, seed)
@@ -238,7 +238,7 @@ def build_classification_datasets(
         train_samples = [train_samples[i] for i in train_idx]
     for split_name, samples in (("training", train_samples), ("validation", val_samples)):
         if not samples:
-            raise DataSetError(
+            raise DatasetError(
                 f"{root}: no {split_name} images left (after the split and removing duplicates)"
             )
     logger.info(
@@ -276,7 +276,7 @@ def _default_train_transform(image_size: int, synthetic: bool, scale: tuple[floa
 
 __all__ = [
     "CorruptImageError",
-    "DataSetError",
+    "DatasetError",
     "ImageClassificationDataset",
     "build_classification_datasets",
     "default_train_scale",

@@ -30,7 +30,7 @@ LABEL_FILE_NAMES = ("LOC_val_solution.csv", "val_labels.txt", "labels.txt", "val
 Sample = tuple[str, int]
 
 
-class DataSetError(UserError, ValueError):
+class DatasetError(UserError, ValueError):
     """A classification data set that cannot be read as asked; ``str()`` is one line naming the
     folder or file and the problem (tools print it and exit 2)."""
 
@@ -62,7 +62,7 @@ def scan_class_folders(directory: str | Path) -> tuple[list[Sample], list[str]]:
     directory = Path(directory)
     class_names = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
     if not class_names:
-        raise DataSetError(f"{directory}: no class folders found")
+        raise DatasetError(f"{directory}: no class folders found")
     samples: list[Sample] = []
     ignored_total = 0
     for label, name in enumerate(class_names):
@@ -74,7 +74,7 @@ def scan_class_folders(directory: str | Path) -> tuple[list[Sample], list[str]]:
     if ignored_total:
         logger.info("%s: ignored %d files without an image extension", directory, ignored_total)
     if not samples:
-        raise DataSetError(f"{directory}: no images found in {len(class_names)} class folders")
+        raise DatasetError(f"{directory}: no images found in {len(class_names)} class folders")
     return samples, class_names
 
 
@@ -93,7 +93,7 @@ def _parse_label(token: str, class_names: Sequence[str], where: str) -> int:
         return class_names.index(token)
     if token.isdigit() and int(token) < len(class_names):
         return int(token)
-    raise DataSetError(
+    raise DatasetError(
         f"{where}: unknown class {token!r} (not a class folder name or index < {len(class_names)})"
     )
 
@@ -107,7 +107,7 @@ def _read_label_rows(label_file: Path) -> list[tuple[str, str, str]]:
                 if not row or (number == 1 and row[0].strip().lower() == "imageid"):
                     continue
                 if len(row) < 2 or not row[1].split():
-                    raise DataSetError(f"{label_file}:{number}: expected 'ImageId,PredictionString'")
+                    raise DatasetError(f"{label_file}:{number}: expected 'ImageId,PredictionString'")
                 rows.append((row[0].strip(), row[1].split()[0], f"{label_file}:{number}"))
         else:
             for number, line in enumerate(handle, start=1):
@@ -115,7 +115,7 @@ def _read_label_rows(label_file: Path) -> list[tuple[str, str, str]]:
                 if not parts or parts[0].startswith("#"):
                     continue
                 if len(parts) != 2:
-                    raise DataSetError(
+                    raise DatasetError(
                         f"{label_file}:{number}: expected 'filename label', got {line.strip()!r}"
                     )
                 rows.append((parts[0], parts[1], f"{label_file}:{number}"))
@@ -131,7 +131,7 @@ def read_val_labels(label_file: str | Path, val_dir: str | Path, class_names: Se
     """
     label_file, val_dir = Path(label_file), Path(val_dir)
     if not label_file.is_file():
-        raise DataSetError(f"{label_file}: label file not found")
+        raise DatasetError(f"{label_file}: label file not found")
     paths, _ = list_images(val_dir, recursive=False)
     by_name = {os.path.basename(p): p for p in paths}
     by_stem = {os.path.splitext(name)[0]: p for name, p in by_name.items()}
@@ -150,7 +150,7 @@ def read_val_labels(label_file: str | Path, val_dir: str | Path, class_names: Se
     if unlabelled:
         logger.warning("%s: %d images have no label in %s and are left out", val_dir, unlabelled, label_file)
     if not labelled:
-        raise DataSetError(f"{label_file}: no entry matches an image in {val_dir}")
+        raise DatasetError(f"{label_file}: no entry matches an image in {val_dir}")
     return sorted(labelled.items())
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from backbone.data import (
     CorruptImageError,
-    DataSetError,
+    DatasetError,
     ImageClassificationDataset,
     build_classification_datasets,
 )
@@ -136,9 +136,9 @@ def test_class_folder_split_and_transforms(tmp_path):
     assert other.samples == train.samples and not torch.equal(other[0][0], image)  # same split, new draws
     milder, _, _ = build_classification_datasets(tmp_path, 32, seed=5, train_scale=(0.5, 1.0))
     assert {t.scale for t in milder.transform.compose.transforms[0].transforms} == {(0.5, 1.0)}
-    with pytest.raises(DataSetError, match="train/ and val/"):
+    with pytest.raises(DatasetError, match="train/ and val/"):
         build_classification_datasets(tmp_path, 32, split="folders")
-    with pytest.raises(DataSetError, match="not found"):
+    with pytest.raises(DatasetError, match="not found"):
         build_classification_datasets(tmp_path / "missing", 32)
 
 
@@ -150,7 +150,7 @@ def test_train_val_class_folders(tmp_path):
     train, val, names = build_classification_datasets(tmp_path, 8)
     assert names == ["cat", "dog", "eel"] and len(train) == 9 and val.samples[0][1] == 2
     _write(tmp_path / "val" / "fox" / "f.png", _pixels(12, 12, 78), ".png")
-    with pytest.raises(DataSetError, match="fox"):
+    with pytest.raises(DatasetError, match="fox"):
         build_classification_datasets(tmp_path, 8)
 
 
@@ -187,10 +187,10 @@ def test_filename_label_text_file(tmp_path):
         ("y.png", 0),
     ]
     labels.write_text("x.png wolf\n")
-    with pytest.raises(DataSetError, match=r"labels.txt:1: unknown class 'wolf'"):
+    with pytest.raises(DatasetError, match=r"labels.txt:1: unknown class 'wolf'"):
         read_val_labels(labels, val_dir, ["cat", "dog"])
     labels.write_text("x.png\n")
-    with pytest.raises(DataSetError, match=r"labels.txt:1: expected 'filename label'"):
+    with pytest.raises(DatasetError, match=r"labels.txt:1: expected 'filename label'"):
         read_val_labels(labels, val_dir, ["cat", "dog"])
 
 
@@ -249,5 +249,5 @@ def test_flowers_split_counts_and_determinism(caplog):
 def test_an_empty_split_is_a_one_line_error_naming_the_folder(tmp_path):
     for name in ("a", "b"):  # the same bytes under both labels: both dropped, nothing left
         _write(tmp_path / name / "same.png", _pixels(8, 8, 0), ".png")
-    with pytest.raises(DataSetError, match=rf"^{tmp_path}: no training images left"):
+    with pytest.raises(DatasetError, match=rf"^{tmp_path}: no training images left"):
         build_classification_datasets(tmp_path, 8)
