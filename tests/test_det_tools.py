@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import re
@@ -17,18 +16,10 @@ from conftest import REPO_ROOT
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tool_loader import load_tool
 
 from backbone.runtime import run_tool
 from detect.datasets import read_coco
-
-
-def load_tool(name: str) -> ModuleType:
-    # tools/ holds scripts, not a package: load the file itself, independent of the working directory.
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 convert_dataset = load_tool("convert_dataset")
 eval_det = load_tool("eval_det")
