@@ -52,6 +52,15 @@ _MEAN_255 = np.asarray(IMAGENET_MEAN, np.float32) * 255.0
 _STD_255 = np.asarray(IMAGENET_STD, np.float32) * 255.0
 
 
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 RGB -> ``(3, H, W)`` float32 ImageNet-normalised (the mean pixel becomes 0).
+
+    The one numpy-side ImageNet normalisation, for pipelines that resize with OpenCV themselves
+    (MultiBox samples, R-CNN regions); ``normalize_crops`` is its batched NHWC counterpart.
+    """
+    return torch.from_numpy((image.astype(np.float32) - _MEAN_255) / _STD_255).permute(2, 0, 1).contiguous()
+
+
 class ImageTransform:
     """An albumentations ``Compose`` called as ``transform(image, sample_seed=None) -> output``."""
 

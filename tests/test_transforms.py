@@ -164,3 +164,19 @@ def test_multi_crop_transform_and_normalisation_layout():
     assert batch.shape == (20, 3, 14, 14) and batch.is_contiguous(memory_format=torch.channels_last)
     red = (crops[0, :, :, 0].float() / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
     torch.testing.assert_close(batch[0, 0], red)
+
+
+def test_image_to_tensor_is_the_normalisation_the_detection_pipelines_use() -> None:
+    from backbone.transforms import image_to_tensor, normalize_crops
+    from detect.proposals import multibox_data
+    from detect.rcnn import data as rcnn_data
+
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    tensor = image_to_tensor(image)
+    assert tensor.shape == (3, 5, 7) and tensor.dtype == torch.float32 and tensor.is_contiguous()
+    expected = (image / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(tensor.permute(1, 2, 0).numpy(), expected, rtol=1e-5, atol=1e-5)
+    # Bit for bit what the copies in detect/ compute, so they can import this one instead.
+    assert torch.equal(tensor, multibox_data.image_to_tensor(image))
+    assert torch.equal(tensor, rcnn_data.image_to_tensor(image))
+    assert torch.equal(tensor, normalize_crops(torch.from_numpy(image))[0])
