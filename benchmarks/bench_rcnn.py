@@ -50,7 +50,7 @@ def main() -> None:
     boxes = torch.cat([xy, xy + wh], dim=1)
 
     crop = build_region_classifier(RegionClassifierArch("bn", 3, input_size=args.size, padding=8)).eval()
-    fuse_for_inference(crop.backbone, channels_last=True)
+    crop.backbone = fuse_for_inference(crop.backbone, channels_last=True)
     rois = torch.cat([torch.zeros(args.regions, 1), boxes[: args.regions]], dim=1)
     crops = crop.warp(image, rois).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -64,7 +64,7 @@ def main() -> None:
     shared = build_region_classifier(
         RegionClassifierArch("bn", 3, mode="shared", input_size=args.size, padding=8)
     ).eval()
-    fuse_for_inference(shared.backbone, channels_last=True)
+    shared.backbone = fuse_for_inference(shared.backbone, channels_last=True)
     crop_s = best_of(lambda: region_probs(crop, image, boxes, args.regions), 1)
     shared_s = best_of(lambda: region_probs(shared, image, boxes, args.regions), 1)
     print(

@@ -305,9 +305,7 @@ def train(cfg: TrainDetConfig, args: argparse.Namespace, run) -> int:
         save_detector(run.dir / "model.pt", model, meta)
     if last_eval:
         write_evaluation(run.dir, "val", val_split, last_eval["predictions"], last_eval["results"])
-    write_summary(
-        run, {"epochs": result.epoch, "steps": result.global_step, **final_metrics}, args.resume
-    )
+    write_summary(run, {"epochs": result.epoch, "steps": result.global_step, **final_metrics}, args.resume)
     return 0
 
 

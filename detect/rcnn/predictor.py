@@ -32,7 +32,7 @@ def load_detectors(
         except ValueError as err:  # the loader's one-line "PATH: problem"
             raise UserError(str(err)) from None
         if fuse:
-            fuse_for_inference(model.backbone, channels_last=True)
+            model.backbone = fuse_for_inference(model.backbone, channels_last=True)
         models.append(model.to(device).eval())
         metas.append(meta)
     for path, meta in zip(paths[1:], metas[1:], strict=True):
