@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
 from PIL import Image
+from tool_loader import load_tool
 from torch import nn
 
 from backbone.export import (
@@ -39,14 +38,6 @@ onnx = pytest.importorskip("onnx", reason="the optional 'export' extra (make tes
 pytest.importorskip("onnxruntime", reason="the optional 'export' extra (make test installs it)")
 
 SIZE = 64  # every stride of the network still divides it
-
-
-def load_tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 export_tool = load_tool("export_onnx")

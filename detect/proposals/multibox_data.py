@@ -18,15 +18,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from backbone import IMAGENET_MEAN, IMAGENET_STD
 from backbone.image_cache import DecodedImageCache
+from backbone.transforms import image_to_tensor
 from detect.datasets.records import DetectionRecord
 from detect.proposals.multibox import normalise_boxes
 
 log = logging.getLogger(__name__)
-
-_MEAN = np.array(IMAGENET_MEAN, np.float32) * 255.0
-_STD = np.array(IMAGENET_STD, np.float32) * 255.0
 
 
 def normalised_gt(record: DetectionRecord, skip_difficult: bool = True) -> np.ndarray:
@@ -35,11 +32,6 @@ def normalised_gt(record: DetectionRecord, skip_difficult: bool = True) -> np.nd
     if skip_difficult and len(record.difficult):
         boxes = boxes[~record.difficult]
     return normalise_boxes(boxes.reshape(-1, 4), record.width, record.height)
-
-
-def image_to_tensor(image: np.ndarray) -> Tensor:
-    """``(S, S, 3)`` uint8 RGB -> ``(3, S, S)`` float normalised with the ImageNet statistics."""
-    return torch.from_numpy((image.astype(np.float32) - _MEAN) / _STD).permute(2, 0, 1).contiguous()
 
 
 def build_augmentation(image_size: int, train: bool) -> A.Compose:

@@ -19,21 +19,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from backbone import IMAGENET_MEAN, IMAGENET_STD
 from backbone.image_cache import DecodedImageCache, shrink_to_shorter_side
 from backbone.image_io import ImageDecodeError, read_image_rgb
+from backbone.transforms import image_to_tensor
 from detect.datasets.records import DetectionRecord
 from detect.rcnn.regions import label_proposals, sample_regions
 
 logger = logging.getLogger(__name__)
-
-_MEAN = np.array(IMAGENET_MEAN, np.float32) * 255.0
-_STD = np.array(IMAGENET_STD, np.float32) * 255.0
-
-
-def image_to_tensor(image: np.ndarray) -> Tensor:
-    """``(H, W, 3)`` uint8 RGB -> ``(3, H, W)`` float normalised (the mean pixel becomes 0)."""
-    return torch.from_numpy((image.astype(np.float32) - _MEAN) / _STD).permute(2, 0, 1).contiguous()
 
 
 class ImageSource:
