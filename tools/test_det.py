@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from backbone.runtime.config import config_from_dict
 from backbone.runtime.dist import cleanup_distributed, init_distributed, is_main_process
 from backbone.runtime.errors import UserError
+from backbone.runtime.files import atomic_write_text
 from backbone.runtime.log import run_tool, setup_logging
 from detect.datasets.spec import DatasetSpec
 from detect.evaluation import METRICS
-from detect.proposals.spec import ProposalSpec
+from detect.proposals.spec import spec_from_settings
 from detect.rcnn.data import RegionScoringDataset
 from detect.rcnn.engine import InferenceSettings
 from detect.rcnn.pipeline import evaluate_detector, load_split, split_proposals, write_evaluation
@@ -97,7 +97,7 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
             f"{args.data or 'validation split'}: classes {split.dataset.class_names} differ from the "
             f"model's {meta['class_names']}"
         )
-    spec = config_from_dict(ProposalSpec, config["proposals"], source=f"{args.checkpoint[0]} proposals")
+    spec = spec_from_settings(config["proposals"], source=f"{args.checkpoint[0]} proposals")
     rebuild = f"python tools/propose.py ... --split {split_name} (cache {spec.cache_dir}/{name})"
     boxes, _ = split_proposals(split, spec, name, rebuild)
     overrides = {
@@ -129,7 +129,7 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
             "proposals_per_image": sum(len(b) for b in boxes) / max(len(boxes), 1),
             "models": [str(p) for p in args.checkpoint],
         }
-        (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(out / "timing.json", json.dumps(timing, indent=2) + "\n")
         print(
             f"{len(dataset)} images in {seconds:.1f} s ({timing['seconds_per_image']:.3f} s/img); wrote {out}"
         )

@@ -50,7 +50,10 @@ class ImageSource:
             return None
 
 
-def _scaled(boxes: np.ndarray, record: DetectionRecord, image: np.ndarray) -> tuple[np.ndarray, float, float]:
+def scale_to_image(
+    boxes: np.ndarray, record: DetectionRecord, image: np.ndarray
+) -> tuple[np.ndarray, float, float]:
+    """Boxes in ``record``'s pixels to ``image``'s (its decoded, downscaled copy), clipped; and (sx, sy)."""
     sx, sy = image.shape[1] / record.width, image.shape[0] / record.height
     scaled = np.asarray(boxes, np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32)
     scaled[:, [0, 2]] = scaled[:, [0, 2]].clip(0, image.shape[1])
@@ -125,7 +128,7 @@ class RegionTrainDataset(Dataset):
         chosen = sample_regions(
             max_iou, labels, self.num_classes, self.regions_per_image, self.fg_fraction, self.bg_iou, rng
         )
-        scaled, _, _ = _scaled(boxes[chosen], self.records[index], image)
+        scaled, _, _ = scale_to_image(boxes[chosen], self.records[index], image)
         valid = (scaled[:, 2] - scaled[:, 0] >= 1) & (scaled[:, 3] - scaled[:, 1] >= 1)
         scaled, chosen = scaled[valid], chosen[valid]
         out = self.transform(image=image, bboxes=scaled, region=np.arange(len(scaled)))
@@ -157,7 +160,7 @@ class RegionScoringDataset(Dataset):
         if image is None:
             return None
         record = self.records[index]
-        scaled, sx, sy = _scaled(self.proposals[index], record, image)
+        scaled, sx, sy = scale_to_image(self.proposals[index], record, image)
         return ScoringSample(image_to_tensor(image), torch.from_numpy(scaled), (sx, sy), index)
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from detect.boxes import box_iou
 from detect.datasets.records import DetectionRecord
 from detect.rcnn.box_regression import BoxRegressor, collect_regression_samples, fit_box_regressor
-from detect.rcnn.data import ImageSource, image_to_tensor
+from detect.rcnn.data import ImageSource, image_to_tensor, scale_to_image
 from detect.rcnn.model import RegionClassifier
 from detect.rcnn.svm import LinearSVMs, fit_svms
 
@@ -33,12 +33,15 @@ def training_regions(
         image = images(index)
         if image is None:
             continue
-        sx, sy = image.shape[1] / record.width, image.shape[0] / record.height
-        scale = torch.tensor([sx, sy, sx, sy])
         keep = ~record.difficult if len(record.difficult) else np.ones(len(record.boxes), bool)
-        gt = torch.from_numpy(record.boxes[keep].reshape(-1, 4)).float() * scale
-        boxes = torch.from_numpy(np.asarray(proposals[index], np.float32).reshape(-1, 4)) * scale
-        yield image_to_tensor(image), boxes, gt, torch.from_numpy(record.labels[keep])
+        gt, _, _ = scale_to_image(record.boxes[keep], record, image)
+        boxes, _, _ = scale_to_image(proposals[index], record, image)
+        yield (
+            image_to_tensor(image),
+            torch.from_numpy(boxes),
+            torch.from_numpy(gt),
+            torch.from_numpy(record.labels[keep]),
+        )
 
 
 def train_box_regressor(

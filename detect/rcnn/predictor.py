@@ -11,10 +11,9 @@ import torch
 
 from backbone.image_cache import shrink_to_shorter_side
 from backbone.inference import fuse_for_inference
-from backbone.runtime.config import config_from_dict
 from backbone.runtime.errors import UserError
 from detect.proposals.methods import build_proposer
-from detect.proposals.spec import ProposalSpec, configured_method
+from detect.proposals.spec import configured_method, spec_from_settings
 from detect.rcnn.data import ScoringSample, image_to_tensor
 from detect.rcnn.engine import InferenceSettings, detect_sample
 from detect.rcnn.model import RegionClassifier, load_detector
@@ -49,9 +48,7 @@ class Predictor:
     def __init__(self, paths: Sequence[str | Path], device: torch.device | str = "cpu", **settings) -> None:
         self.models, self.meta = load_detectors(paths, device)
         self.class_names: list[str] = self.meta["class_names"]
-        spec = config_from_dict(
-            ProposalSpec, self.meta["proposals"]["settings"], source=f"{paths[0]} proposals"
-        )
+        spec = spec_from_settings(self.meta["proposals"]["settings"], source=f"{paths[0]} proposals")
         try:
             _, method = configured_method(spec, "predict", "images")
         except ValueError as err:  # e.g. the MultiBox file the model names is not on this machine
