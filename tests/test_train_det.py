@@ -146,3 +146,31 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code = run_tool(test_det.main, test_det.get_args_parser().parse_args(["--checkpoint", str(bogus)]))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(err) == 1 and "not a detector model file" in err[0]
+
+
+def test_extras_are_scored_with_and_without_in_one_final_pass(tmp_path: Path) -> None:
+    config = write_config(tmp_path, epochs=2)
+    out = tmp_path / "run"
+    extras = (
+        "--set",
+        "extras.box_regression=true",
+        "--set",
+        "extras.box_iou=0.5",
+        "--set",
+        "test.metrics=[voc]",
+    )
+    assert run(train_det, "--config", str(config), "--out", str(out), *extras) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"val_mAP_voc", "val_before_extras_mAP_voc"} <= set(summary)
+    # The last epoch is not evaluated by the trainer: the one pass after fitting the extras scores both.
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("val_") for k in epochs[-1])
+    model, _ = load_detector(out / "model.pt")
+    assert model.box_regressor is not None
+    # test_det's one pass writes the same two variants.
+    assert run(test_det, "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "t"),
+               "--variants", "softmax") == 0  # fmt: skip
+    final = json.loads((tmp_path / "t" / "eval_val.json").read_text())["voc"]["mAP"]
+    plain = json.loads((tmp_path / "t" / "eval_val_softmax.json").read_text())["voc"]["mAP"]
+    assert final == pytest.approx(summary["val_mAP_voc"], abs=0.02)
+    assert plain == pytest.approx(summary["val_before_extras_mAP_voc"], abs=0.02)

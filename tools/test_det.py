@@ -31,7 +31,7 @@ from detect.datasets.spec import DatasetSpec
 from detect.evaluation import METRICS
 from detect.proposals.spec import spec_from_settings
 from detect.rcnn.data import RegionScoringDataset
-from detect.rcnn.engine import InferenceSettings
+from detect.rcnn.engine import VARIANTS, InferenceSettings
 from detect.rcnn.pipeline import evaluate_detector, load_split, split_proposals, write_evaluation
 from detect.rcnn.predictor import load_detectors
 
@@ -58,6 +58,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score-threshold", type=float, default=None)
     parser.add_argument("--max-per-image", type=int, default=None)
     parser.add_argument("--region-batch", type=int, default=None)
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default=None, help="autocast of the region forward"
+    )
+    parser.add_argument(
+        "--variants",
+        default="final",
+        help=f"comma-separated of {', '.join(VARIANTS)}, all from one scoring pass (final: with the "
+        "extras the models carry; the others written as eval_<split>_<variant>.*)",
+    )
     parser.add_argument("--workers", type=int, default=0, help="data loader workers")
     parser.add_argument("--no-fuse", action="store_true", help="skip BatchNorm folding (for comparison)")
     parser.add_argument("--out", type=Path, default=None)
@@ -111,8 +120,17 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise UserError(f"--metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
+    variants = tuple(dict.fromkeys(["final", *args.variants.split(",")]))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise UserError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     settings = InferenceSettings(
-        test_cfg["region_batch"], test_cfg["score_threshold"], test_cfg["nms_iou"], test_cfg["max_per_image"]
+        test_cfg["region_batch"],
+        test_cfg["score_threshold"],
+        test_cfg["nms_iou"],
+        test_cfg["max_per_image"],
+        precision=args.precision or test_cfg.get("precision", "fp32"),
+        variants=variants,
     )
     dataset = RegionScoringDataset(split.dataset.records, boxes, data["shorter_side"], in_memory=False)
     started = time.perf_counter()
@@ -121,7 +139,10 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
     if is_main_process():
         out = args.out or args.checkpoint[0].parent / f"test_{split_name}"
         out.mkdir(parents=True, exist_ok=True)
-        print(write_evaluation(out, split_name, split, predictions, results))
+        for variant in variants:
+            tag = split_name if variant == "final" else f"{split_name}_{variant}"
+            text = write_evaluation(out, tag, split, predictions[variant], results[variant])
+            print(text if variant == "final" else f"[{variant}]\n{text}")
         timing = {
             "images": len(dataset),
             "seconds": seconds,

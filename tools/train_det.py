@@ -15,6 +15,7 @@ detections_val.json (COCO results) and eval_val.json / eval_val.txt (per-class A
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ from typing import Literal
 
 import torch
 
+from backbone.inference import fuse_for_inference
 from backbone.runtime import config as cfglib
+from backbone.runtime.checkpoint import unwrap_model
 from backbone.runtime.dist import is_main_process
 from backbone.runtime.errors import UserError
 from backbone.runtime.loader import ResumableLoader
@@ -37,7 +40,7 @@ from detect.rcnn.build import build_detector, build_optimizer
 from detect.rcnn.data import RegionScoringDataset, RegionTrainDataset, collate_regions
 from detect.rcnn.engine import InferenceSettings, rcnn_step
 from detect.rcnn.extras import train_box_regressor, train_svms
-from detect.rcnn.model import save_detector
+from detect.rcnn.model import RegionClassifier, save_detector
 from detect.rcnn.pipeline import (
     DetectionSplit,
     evaluate_detector,
@@ -117,6 +120,7 @@ class TestConfig:
     score_threshold: float = 0.01
     max_per_image: int = 100
     region_batch: int = 64
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of the region forward at evaluation
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def inference_settings(cfg: TrainDetConfig) -> InferenceSettings:
     t = cfg.test
-    return InferenceSettings(t.region_batch, t.score_threshold, t.nms_iou, t.max_per_image, cfg.channels_last)
+    return InferenceSettings(
+        t.region_batch, t.score_threshold, t.nms_iou, t.max_per_image, cfg.channels_last, t.precision
+    )
 
 
 def open_split(data: DataConfig, split: str, seed: int) -> DetectionSplit:
@@ -251,14 +257,27 @@ def train(cfg: TrainDetConfig, args: argparse.Namespace, run) -> int:
     )
     lr_scheduler = build_lr_scheduler(optimizer, factor)
     settings = inference_settings(cfg)
+    extras_on = cfg.extras.box_regression or cfg.extras.svm
     last_eval: dict = {}
 
-    def run_eval(eval_model) -> dict[str, float]:
+    def run_eval(eval_model, variants: tuple[str, ...] = ("final",)) -> dict[str, float]:
+        """Headline metrics of each variant (the "final" one unprefixed), from one scoring pass of
+        the model with BatchNorm folded."""
         predictions, results = evaluate_detector(
-            [eval_model], val_split, val_ds, settings, cfg.test.metrics, workers=data.workers
+            [inference_copy(eval_model, cfg.channels_last)],
+            val_split,
+            val_ds,
+            dataclasses.replace(settings, variants=variants),
+            cfg.test.metrics,
+            workers=data.workers,
         )
-        last_eval.update(predictions=predictions, results=results)
-        return {name: value for result in results.values() for name, value in headline(result).items()}
+        last_eval.update(predictions=predictions["final"], results=results["final"])
+        return {
+            (name if variant == "final" else f"{variant}_{name}"): value
+            for variant, by_metric in results.items()
+            for result in by_metric.values()
+            for name, value in headline(result).items()
+        }
 
     config_dict = cfglib.config_to_dict(cfg)
     result = fit(
@@ -277,15 +296,13 @@ def train(cfg: TrainDetConfig, args: argparse.Namespace, run) -> int:
         grad_clip_norm=cfg.train.grad_clip_norm,
         precision=cfg.train.precision,
         max_steps=args.max_steps,
+        final_eval=not extras_on,  # with extras, one pass after fitting them scores both
     )
     code = stop_exit_code(result)
     if code is not None:
         return code
     final_metrics = dict(result.last_metrics)
-    if cfg.extras.box_regression or cfg.extras.svm:
-        final_metrics |= {
-            f"before_extras_{k}": v for k, v in result.last_metrics.items() if k.startswith("val_")
-        }
+    if extras_on:
         final_metrics |= fit_extras(cfg, model, train_ds, run_eval)
     if is_main_process():
         meta = {
@@ -334,9 +351,24 @@ def fit_extras(cfg: TrainDetConfig, model, train_ds: RegionTrainDataset, run_eva
             ridge=extras.box_ridge,
             channels_last=cfg.channels_last,
         )
-    after = {f"val_{k}": v for k, v in run_eval(model).items()}
+    # One scoring pass gives the detections with the extras ("final") and without them ("softmax",
+    # reported as before_extras_*).
+    scored = run_eval(model, ("final", "softmax"))
+    after = {
+        (f"val_before_extras_{k[len('softmax_') :]}" if k.startswith("softmax_") else f"val_{k}"): v
+        for k, v in scored.items()
+    }
     logger.info("with extras: %s", ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
     return after
+
+
+def inference_copy(model: RegionClassifier, channels_last: bool) -> RegionClassifier:
+    """An evaluation copy of ``model`` with BatchNorm folded (``fuse_for_inference``), its extras kept;
+    the training model is left untouched."""
+    model = unwrap_model(model)
+    fused = RegionClassifier(fuse_for_inference(model.backbone, channels_last=channels_last), model.arch)
+    fused.box_regressor, fused.svms = model.box_regressor, model.svms
+    return fused.eval()
 
 
 def headline(result) -> dict[str, float]:

@@ -248,6 +248,7 @@ def fit(
     precision: str = "fp32",
     max_steps: int | None = None,
     keep_every: int = 0,
+    final_eval: bool = True,
 ) -> FitResult:
     """Train for ``epochs`` epochs, evaluating (the EMA model if any) and checkpointing each epoch.
 
@@ -255,7 +256,8 @@ def fit(
     ``max_steps``; also ``checkpoint_epochNNN.pt`` every ``keep_every`` epochs), ``metrics.jsonl``
     and ``curves.png``. With ``resume``, continues from ``run_dir/checkpoint.pt``. ``precision``
     (fp32, bf16, fp16) sets the autocast of the training forward pass (backbone.runtime.precision);
-    ``evaluate`` chooses its own.
+    ``evaluate`` chooses its own. ``final_eval=False`` leaves the last epoch's evaluation to the
+    caller (who evaluates something made after training, such as fitted extras).
     """
     run_dir = Path(run_dir)
     mixed_precision = MixedPrecision(precision, next(model.parameters()).device)
@@ -358,7 +360,8 @@ def fit(
             last["data_wait_fraction"] = outcome.data_seconds / max(
                 outcome.data_seconds + outcome.step_seconds, 1e-9
             )
-            if evaluate is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+            final = epoch + 1 == epochs
+            if evaluate is not None and (final_eval if final else (epoch + 1) % eval_every == 0):
                 eval_model = ema.module if ema is not None else unwrap_model(model)
                 last |= {f"val_{k}": v for k, v in evaluate(eval_model).items()}
             metrics.write(last)
@@ -371,7 +374,7 @@ def fit(
                     "stopped (%s) after epoch %d; checkpoint %s", stop.signal_name, epoch + 1, ckpt_path
                 )
                 return FitResult(epoch + 1, global_step, True, stop.signal_name, last)
-    if not last and evaluate is not None:  # resumed a finished run: still report the final metrics
+    if not last and evaluate is not None and final_eval:  # resumed a finished run: report the final metrics
         eval_model = ema.module if ema is not None else unwrap_model(model)
         last = {f"val_{k}": v for k, v in evaluate(eval_model).items()}
     return FitResult(max(epochs, start_epoch), global_step, False, None, last)

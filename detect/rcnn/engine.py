@@ -8,6 +8,8 @@ share of the images; the evaluator gathers.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,54 +64,111 @@ def rcnn_step(
     return compute
 
 
+@dataclass
+class RegionScores:
+    """What one scoring pass gives for ``P`` boxes: the softmax, the SVMs' scores when the model
+    carries SVMs, and the per-class refined boxes when it carries a box regressor."""
+
+    probs: Tensor  # (P, C + 1), background last
+    svm: Tensor | None = None  # (P, C + 1)
+    refined: Tensor | None = None  # (P, C, 4)
+
+    def scores(self, use_svm: bool) -> Tensor:
+        return self.svm if use_svm and self.svm is not None else self.probs
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 @torch.no_grad()
 def score_regions(
-    model: RegionClassifier, image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool = True
-) -> tuple[Tensor, Tensor | None]:
-    """Softmax ``(P, C + 1)`` of every box of one image ``(1, 3, h, w)``, ``region_batch`` at a time
-    (the SVMs' scores instead when the model carries them), and the per-class refined boxes
-    ``(P, C, 4)`` when it carries a box regressor."""
+    model: RegionClassifier,
+    image: Tensor,
+    boxes: Tensor,
+    region_batch: int,
+    channels_last: bool = True,
+    precision: str = "fp32",
+) -> RegionScores:
+    """Score every box of one image ``(1, 3, h, w)``, ``region_batch`` at a time, in one pass.
+
+    ``precision`` (fp32, bf16, fp16) is the autocast of the network's forward; the classifier, the
+    SVMs and the box regressor always run in fp32 on the pooled features.
+    """
     image = image.contiguous(memory_format=torch.channels_last) if channels_last else image
-    trunk = model.trunk_features(image) if model.arch.mode == "shared" else None
-    regressor = model.box_regressor
-    probs, refined = [], []
+    with _autocast(image.device, precision):
+        trunk = model.trunk_features(image) if model.arch.mode == "shared" else None
+    regressor, svms = model.box_regressor, model.svms
+    probs, svm_scores, refined = [], [], []
     for start in range(0, len(boxes), region_batch):
         chunk = boxes[start : start + region_batch]
         rois = torch.cat([chunk.new_zeros((len(chunk), 1)), chunk], dim=1)
-        features = model.pooled_features(image, rois, trunk)
-        if model.svms is not None:
-            probs.append(model.svms(features.float()))
-        else:
-            probs.append(F.softmax(model.backbone.fc(features).float(), dim=1))
+        with _autocast(image.device, precision):
+            features = model.pooled_features(image, rois, trunk)
+        features = features.float()
+        probs.append(F.softmax(model.backbone.fc(features).float(), dim=1))
+        if svms is not None:
+            svm_scores.append(svms(features))
         if regressor is not None:
-            refined.append(regressor(features.float(), chunk.float()))
+            refined.append(regressor(features, chunk.float()))
     if not probs:
         empty = torch.zeros((0, model.num_classes + 1), device=image.device)
-        return empty, (torch.zeros((0, model.num_classes, 4)) if regressor is not None else None)
-    return torch.cat(probs), (torch.cat(refined) if refined else None)
+        return RegionScores(
+            empty,
+            empty.clone() if svms is not None else None,
+            torch.zeros((0, model.num_classes, 4)) if regressor is not None else None,
+        )
+    return RegionScores(
+        torch.cat(probs),
+        torch.cat(svm_scores) if svm_scores else None,
+        torch.cat(refined) if refined else None,
+    )
 
 
 def region_probs(
     model: RegionClassifier, image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool = True
 ) -> Tensor:
-    return score_regions(model, image, boxes, region_batch, channels_last)[0]
+    """The scores the model detects with: its SVMs' when it carries them, else the softmax."""
+    return score_regions(model, image, boxes, region_batch, channels_last).scores(use_svm=True)
 
 
 def ensemble_scores(
-    models: Sequence[RegionClassifier], image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool
-) -> tuple[Tensor, Tensor | None]:
-    """The mean of the members' softmax (the paper's ensemble) and of the refined boxes of the
-    members that regress boxes."""
-    scored = [score_regions(m, image, boxes, region_batch, channels_last) for m in models]
-    probs = torch.stack([p for p, _ in scored]).mean(0)
-    refined = [r for _, r in scored if r is not None]
-    return probs, (torch.stack(refined).mean(0) if refined else None)
+    models: Sequence[RegionClassifier],
+    image: Tensor,
+    boxes: Tensor,
+    region_batch: int,
+    channels_last: bool,
+    precision: str = "fp32",
+) -> RegionScores:
+    """The mean over the members of each score (the paper's ensemble averages the softmax), of the
+    SVM scores of the members that carry SVMs, and of the refined boxes of those that regress boxes."""
+    scored = [score_regions(m, image, boxes, region_batch, channels_last, precision) for m in models]
+
+    def mean(parts: list[Tensor | None]) -> Tensor | None:
+        present = [p for p in parts if p is not None]
+        return torch.stack(present).mean(0) if present else None
+
+    return RegionScores(
+        mean([s.probs for s in scored]), mean([s.svm for s in scored]), mean([s.refined for s in scored])
+    )
 
 
 def ensemble_probs(
     models: Sequence[RegionClassifier], image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool
 ) -> Tensor:
-    return ensemble_scores(models, image, boxes, region_batch, channels_last)[0]
+    return ensemble_scores(models, image, boxes, region_batch, channels_last).scores(use_svm=True)
+
+
+# Detection variants one scoring pass gives: "final" uses what the models carry (SVMs and box
+# regression when fitted); the others switch each extra off or on, for comparing them on one pass.
+VARIANTS = {
+    "final": (True, True),
+    "softmax": (False, False),
+    "softmax+bbox": (False, True),
+    "svm": (True, False),
+}
 
 
 @dataclass(frozen=True)
@@ -119,31 +178,47 @@ class InferenceSettings:
     nms_iou: float = 0.3
     max_per_image: int = 100
     channels_last: bool = True
+    precision: str = "fp32"  # autocast of the region forward: fp32, bf16 (fast on this CPU), fp16
+    variants: tuple[str, ...] = ("final",)  # keys of VARIANTS to produce from each scoring pass
+
+
+def detect_sample_variants(
+    models: Sequence[RegionClassifier], sample: ScoringSample, image_id: int, settings: InferenceSettings
+) -> dict[str, dict]:
+    """One scoring sample to ``{variant: {image_id, boxes, scores, labels}}`` in original image pixels."""
+    device = next(models[0].parameters()).device
+    image = sample.image[None].to(device)
+    boxes = sample.boxes.to(device)
+    scored = ensemble_scores(
+        models, image, boxes, settings.region_batch, settings.channels_last, settings.precision
+    )
+    sx, sy = sample.scale
+    to_original = boxes.new_tensor([sx, sy, sx, sy])
+    original = boxes / to_original
+    refined = scored.refined.to(boxes.device) / to_original if scored.refined is not None else None
+    height, width = round(sample.image.shape[1] / sy), round(sample.image.shape[2] / sx)
+    out = {}
+    for name in settings.variants:
+        use_svm, use_boxes = VARIANTS[name]
+        dets = postprocess_detections(
+            original,
+            scored.scores(use_svm),
+            (height, width),
+            score_threshold=settings.score_threshold,
+            nms_iou=settings.nms_iou,
+            max_per_image=settings.max_per_image,
+            class_boxes=refined if use_boxes else None,
+        )
+        out[name] = {"image_id": image_id} | {k: v.cpu() for k, v in dets.items()}
+    return out
 
 
 def detect_sample(
     models: Sequence[RegionClassifier], sample: ScoringSample, image_id: int, settings: InferenceSettings
 ) -> dict:
-    """One scoring sample to ``{image_id, boxes, scores, labels}`` in original image pixels."""
-    device = next(models[0].parameters()).device
-    image = sample.image[None].to(device)
-    boxes = sample.boxes.to(device)
-    probs, refined = ensemble_scores(models, image, boxes, settings.region_batch, settings.channels_last)
-    sx, sy = sample.scale
-    to_original = boxes.new_tensor([sx, sy, sx, sy])
-    original = boxes / to_original
-    class_boxes = refined.to(boxes.device) / to_original if refined is not None else None
-    height, width = round(sample.image.shape[1] / sy), round(sample.image.shape[2] / sx)
-    dets = postprocess_detections(
-        original,
-        probs,
-        (height, width),
-        score_threshold=settings.score_threshold,
-        nms_iou=settings.nms_iou,
-        max_per_image=settings.max_per_image,
-        class_boxes=class_boxes,
-    )
-    return {"image_id": image_id} | {k: v.cpu() for k, v in dets.items()}
+    """One scoring sample to ``{image_id, boxes, scores, labels}`` (the "final" variant)."""
+    final = dataclasses.replace(settings, variants=("final",))
+    return detect_sample_variants(models, sample, image_id, final)["final"]
 
 
 def inference_on_dataset(
@@ -153,12 +228,13 @@ def inference_on_dataset(
     *,
     workers: int = 0,
     progress: bool = True,
-) -> tuple[list[dict], list[int]]:
-    """Detections of this rank's share of ``dataset``; also the record indices that could not be decoded."""
+) -> tuple[dict[str, list[dict]], list[int]]:
+    """Detections of this rank's share of ``dataset`` per variant of ``settings.variants``; also the
+    record indices that could not be decoded."""
     for model in models:
         model.eval()
     loader = build_eval_loader(dataset, 1, num_workers=workers, collate_fn=collate_scoring)
-    predictions: list[dict] = []
+    predictions: dict[str, list[dict]] = {name: [] for name in settings.variants}
     skipped: list[int] = []
     bar = tqdm(loader, desc="detect", unit="img", disable=not progress or get_rank() != 0, dynamic_ncols=True)
     for index, (sample,) in zip(loader.sampler, bar, strict=True):
@@ -166,7 +242,8 @@ def inference_on_dataset(
         if sample is None:
             skipped.append(index)
             continue
-        predictions.append(detect_sample(models, sample, record.image_id, settings))
+        for name, dets in detect_sample_variants(models, sample, record.image_id, settings).items():
+            predictions[name].append(dets)
     return predictions, skipped
 
 

@@ -68,7 +68,8 @@ class RegionClassifier(nn.Module):
     @staticmethod
     def _feature_geometry(backbone: GoogLeNet, arch: RegionClassifierArch) -> tuple[int, int]:
         with torch.no_grad():
-            probe = torch.zeros(1, 3, arch.input_size, arch.input_size)
+            weight = next(backbone.parameters())  # probe where the backbone lives (a GPU, the meta device)
+            probe = weight.new_zeros(1, 3, arch.input_size, arch.input_size)
             was_training = backbone.training
             feats = backbone.eval().forward_features(probe, arch.trunk_stage)
             backbone.train(was_training)

@@ -92,18 +92,22 @@ def evaluate_detector(
     *,
     workers: int = 0,
     progress: bool = True,
-) -> tuple[list[dict], dict[str, DetectionEvalResult]]:
-    """Detect on every image (this rank's share), score with each metric; returns all ranks'
-    predictions and the results (both on rank 0; other ranks get empty ones)."""
+) -> tuple[dict[str, list[dict]], dict[str, dict[str, DetectionEvalResult]]]:
+    """Detect on every image (this rank's share) in one scoring pass, score each of
+    ``settings.variants`` with each metric; returns all ranks' predictions and the results per
+    variant (both on rank 0; other ranks get empty ones)."""
     predictions, skipped = inference_on_dataset(models, dataset, settings, workers=workers, progress=progress)
     total_skipped = count_skipped(skipped)
     if total_skipped:
         logger.warning(
             "%s: %d undecodable images skipped (their objects count as missed)", split.split, total_skipped
         )
-    results = evaluate_predictions(split.dataset, predictions, metrics)
-    gathered = gather_predictions(predictions)
-    return (gathered if is_main_process() else []), results
+    results, gathered = {}, {}
+    for name, variant_predictions in predictions.items():
+        results[name] = evaluate_predictions(split.dataset, variant_predictions, metrics)
+        everyone = gather_predictions(variant_predictions)  # a collective: every rank calls it
+        gathered[name] = everyone if is_main_process() else []
+    return gathered, results
 
 
 def coco_results(predictions: Sequence[dict], category_ids: list[int]) -> list[dict]:

@@ -56,7 +56,11 @@ class Predictor:
         self.propose = build_proposer(method)
         test = dict(self.meta["config"]["test"]) | {k: v for k, v in settings.items() if v is not None}
         self.settings = InferenceSettings(
-            test["region_batch"], test["score_threshold"], test["nms_iou"], test["max_per_image"]
+            test["region_batch"],
+            test["score_threshold"],
+            test["nms_iou"],
+            test["max_per_image"],
+            precision=test.get("precision", "fp32"),
         )
         self.shorter_side = int(self.meta["config"]["data"]["shorter_side"])
 
