@@ -125,8 +125,10 @@ def load_torchvision_weights(
     """torchvision's ImageNet GoogLeNet as our ``torchvision`` variant.
 
     ``path``: a local copy of torchvision's ``googlenet-1378be20.pth``. Without it, torchvision's
-    own download is tried (needs internet). Its weights expect ``transform_input=True``. torchvision
-    ships no trained aux heads for this model, so they are kept randomly initialised.
+    own download is tried (needs internet). Its weights expect ``transform_input=True``. The file
+    also holds aux heads, which torchvision says are not pretrained ("make sure to train them"):
+    ``aux_logits=True`` loads them from the file (random where a file has none) and they need
+    training; ``aux_logits=False`` drops them, as torchvision's ``googlenet(weights=...)`` does by default.
     """
     if path is None:
         from torchvision.models import GoogLeNet_Weights
@@ -139,6 +141,8 @@ def load_torchvision_weights(
             ) from err
     else:
         state_dict = read_weights_file(path)
+    if not aux_logits:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("aux1.", "aux2."))}
     model = GoogLeNet("torchvision", num_classes=1000, aux_logits=aux_logits, transform_input=True)
     check_fits(model, state_dict, str(path or "torchvision"))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)

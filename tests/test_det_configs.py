@@ -9,7 +9,8 @@ import torch
 from tool_loader import load_tool
 
 from backbone.runtime.config import load_config
-from detect.rcnn.build import build_detector, build_optimizer
+from backbone.runtime.errors import UserError
+from detect.rcnn.build import build_detector, build_optimizer, initial_backbone
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DET_CONFIGS = sorted(
@@ -36,3 +37,9 @@ def test_config_loads_and_builds_its_model(path: Path) -> None:
     rois = torch.tensor([[0.0, 0.0, 0.0, 50.0, 50.0]] * 2, device="meta")
     out = model.train()(images, rois)
     assert out.logits.device.type == "meta" and tuple(out.logits.shape) == (2, 201)
+
+
+def test_torchvision_init_kind_without_init_is_an_error_not_a_random_model() -> None:
+    with pytest.raises(UserError, match=r"model.init_kind torchvision needs model.init") as info:
+        initial_backbone(None, "torchvision", "torchvision", 20)
+    assert "\n" not in str(info.value)

@@ -244,6 +244,25 @@ def test_ilsvrc_layout_ids_synsets_and_negatives(tmp_path: Path) -> None:
         read_ilsvrc_det(tmp_path)
 
 
+def test_ilsvrc_rcnn_val1_val2_lists_read_the_val_folders(tmp_path: Path) -> None:
+    make_ilsvrc(tmp_path)  # images and XML only in Data/DET/val, Annotations/DET/val: no val1/val2 folders
+    write(tmp_path / "ImageSets" / "DET" / "val1.txt", "ILSVRC_val_1 7\nILSVRC_val_3 11\n")
+    write(tmp_path / "ImageSets" / "DET" / "val2.txt", "ILSVRC_val_2 9\n")
+    val1, _ = open_detection_dataset(tmp_path, "val1")
+    val2, _ = open_detection_dataset(tmp_path, "val2")
+    val = tmp_path / "Data" / "DET" / "val"
+    assert [r.file_name for r in val1.records] == [
+        str(val / "ILSVRC_val_1.JPEG"),
+        str(val / "ILSVRC_val_3.JPEG"),
+    ]
+    assert [r.image_id for r in val1.records] == [7, 11] and [r.image_id for r in val2.records] == [9]
+    assert val1.records[0].labels.tolist() == [1, 0]  # boxes from Annotations/DET/val
+    write(tmp_path / "ImageSets" / "DET" / "train_1.txt", "n01/n01_1 1\n")
+    save_image(tmp_path / "Data" / "DET" / "train" / "n01" / "n01_1.JPEG", 8, 8)
+    train_1, _ = open_detection_dataset(tmp_path, "train_1")  # per-class lists: Data/DET/train
+    assert train_1.records[0].file_name == str(tmp_path / "Data" / "DET" / "train" / "n01" / "n01_1.JPEG")
+
+
 def test_synset_mapping_from_meta_det_mat(tmp_path: Path) -> None:
     from scipy.io import savemat
 

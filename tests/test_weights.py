@@ -58,3 +58,16 @@ def test_torchvision_weights_from_a_local_file(tmp_path) -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, reference.eval()(x))
+
+
+def test_torchvision_file_with_aux_heads_loads_with_or_without_them(tmp_path) -> None:
+    # torchvision's googlenet-*.pth holds aux heads too (not ImageNet-trained, torchvision says).
+    reference = googlenet("torchvision", num_classes=1000, aux_logits=True, transform_input=True).eval()
+    torch.save(reference.state_dict(), tmp_path / "googlenet-tv.pth")
+    model = load_torchvision_weights(tmp_path / "googlenet-tv.pth", aux_logits=False).eval()
+    assert model.aux1 is None and model.aux2 is None
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, reference(x).logits)
+    with_aux = load_torchvision_weights(tmp_path / "googlenet-tv.pth")  # the file's aux heads, not random
+    torch.testing.assert_close(with_aux.aux1.fc2.weight, reference.aux1.fc2.weight)

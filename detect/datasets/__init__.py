@@ -7,6 +7,7 @@ from what is on disk.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from detect.datasets.coco import dataset_to_coco, read_coco, write_coco_json
@@ -66,8 +67,9 @@ def open_detection_dataset(
     on_error: OnError = "raise",
     require_images: bool = True,
 ) -> tuple[DetectionDataset, LoadReport]:
-    """Read any supported layout. ``image_set``: VOC ``ImageSets/Main`` set (required) or ILSVRC split
-    (default ``val``); ``names_file``: split list for a folder (``.csv`` with ``filename`` or ``.txt``);
+    """Read any supported layout. ``image_set``: VOC ``ImageSets/Main`` set (required) or ILSVRC list
+    (default ``val``; read over the folders its leading word names: ``train_3`` -> train, ``val1`` -> val);
+    ``names_file``: split list for a folder (``.csv`` with ``filename`` or ``.txt``);
     ``image_root``: where a COCO file's images live (default: next to the JSON).
     ``require_images=False`` (scoring): absent image files are fine where the annotation gives the
     size; present ones are still read. Training keeps the default: every image must be there."""
@@ -85,10 +87,12 @@ def open_detection_dataset(
             path, image_set, class_names or VOC_CLASSES, on_error=on_error, require_images=require_images
         )
     if kind == "ilsvrc":
-        image_set = image_set or "val"  # train_K lists index Data/DET/train
+        image_set = image_set or "val"
+        # The folder is the word the set name starts with: train_K -> train, R-CNN's val1/val2 -> val.
+        split = re.sub(r"[^A-Za-z].*", "", image_set) or image_set
         return read_ilsvrc_det(
             path,
-            image_set.split("_")[0],
+            split,
             image_set,
             synsets=synsets,
             on_error=on_error,

@@ -43,7 +43,8 @@ def open_dataset_specs(specs: tuple[DatasetSpec, ...], name: str = "") -> tuple[
     for spec in specs:
         dataset, report = open_dataset_spec(spec)
         datasets.append(dataset)
-        lines.append(f"{spec.path}: {len(dataset.records)} images; {report}")
+        lines.append(f"{spec.path}: {len(dataset.records)} images")
+        lines.extend(report.lines())  # what was fixed or skipped: counts and the first few files
     first = datasets[0]
     for spec, dataset in zip(specs[1:], datasets[1:], strict=True):
         if dataset.class_names != first.class_names:

@@ -23,6 +23,10 @@ def initial_backbone(
     GoogLeNet file (``"torchvision"``; its variant, with ``transform_input``), or None (random ``variant``).
     """
     outputs = num_classes + 1
+    if init is None and init_kind == "torchvision":
+        raise UserError(
+            "model.init_kind torchvision needs model.init (the path of torchvision's googlenet-*.pth)"
+        )
     if init is None:
         return googlenet(variant, num_classes=outputs, aux_logits=aux_logits), {"init": None}
     if init_kind == "torchvision":
