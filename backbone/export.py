@@ -63,19 +63,23 @@ class FirstOutput(nn.Module):
 def export_module_onnx(
     module: nn.Module,
     path: str | Path,
-    example_input: Tensor,
+    example_input: Tensor | tuple[Tensor, ...],
     input_names: Sequence[str] = ("images",),
     output_names: Sequence[str] = ("logits",),
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> Path:
-    """Export ``module`` (eval mode, one tensor in, tensors out) to ``path``; axis 0 of every input
-    and output is the dynamic ``batch`` axis. Checked with ``onnx.checker``; written atomically."""
+    """Export ``module`` (eval mode, tensors in, tensors out) to ``path``; axis 0 of every input
+    and output is the dynamic ``batch`` axis unless ``dynamic_axes`` names the dynamic axes itself.
+    Checked with ``onnx.checker``; written atomically."""
     onnx = _require("onnx")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
-    dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]} if dynamic_batch else None
+    if dynamic_axes is None and dynamic_batch:
+        dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -83,7 +87,7 @@ def export_module_onnx(
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
-                (example_input.contiguous(),),
+                tuple(x.contiguous() for x in inputs),
                 str(tmp),
                 input_names=list(input_names),
                 output_names=list(output_names),

@@ -27,6 +27,7 @@ from backbone.export import (
 from backbone.googlenet import GoogLeNet
 from backbone.runtime import run_tool
 from backbone.weights import save_model
+from detect.rcnn.export import check_shared_onnx, export_shared_onnx
 from detect.rcnn.model import (
     RegionClassifierArch,
     build_region_classifier,
@@ -223,3 +224,37 @@ def test_tool_detector_over_tolerance_and_wrong_size_exit_2(
     assert run([*base, "--image-size", "96"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "warps regions to 64 px" in err[-1]
+
+
+def test_shared_mode_exports_as_trunk_and_region_head(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    arch = RegionClassifierArch(variant="bn", num_classes=3, mode="shared", input_size=SIZE, padding=4)
+    detector = build_region_classifier(arch)
+    calibrate(detector.backbone)
+    trunk, head = export_shared_onnx(detector, tmp_path, (96, 128))
+    # Another image size and box count than the export's: both axes are dynamic.
+    image = torch.randn(1, 3, 120, 80)
+    boxes = torch.tensor([[0.0, 0.0, 80.0, 120.0], [10.0, 20.0, 50.0, 70.0], [5.0, 5.0, 6.0, 6.0]])
+    assert check_shared_onnx(detector, trunk, head, image, boxes) < 1e-4
+    features = onnx_session(trunk).run(None, {"images": image.numpy()})[0]
+    probs = onnx_session(head).run(None, {"features": features, "boxes": boxes.numpy()})[0]
+    assert probs.shape == (3, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert probs.max() < 0.999 and np.ptp(probs, axis=0).max() > 1e-3  # not saturated, boxes differ
+    with pytest.raises(ValueError, match="shared-mode"):
+        crop = build_region_classifier(RegionClassifierArch(variant="bn", num_classes=3, input_size=SIZE))
+        export_shared_onnx(crop, tmp_path / "crop", (96, 128))
+
+
+def test_tool_exports_a_shared_mode_detector_as_three_files(tmp_path: Path, capsys) -> None:
+    arch = RegionClassifierArch(variant="bn", num_classes=2, mode="shared", input_size=SIZE, padding=4)
+    detector = build_region_classifier(arch)
+    calibrate(detector.backbone)
+    checkpoint = tmp_path / "shared" / "model.pt"
+    save_detector(checkpoint, detector, {"class_names": ["a", "b"], "data": {"shorter_side": 80}})
+    images = write_images(tmp_path / "images")
+    assert run(["--checkpoint", str(checkpoint), "--image", str(images[0])]) == 0
+    printed = capsys.readouterr().out
+    for name in ("region_classifier.onnx", "trunk.onnx", "region_head.onnx"):
+        assert (checkpoint.parent / name).is_file(), name
+    assert f"shared mode, {images[0].name}: max abs difference" in printed

@@ -12,6 +12,9 @@ folded into the convolutions first; N (the batch) is dynamic.
   proposals warped with context padding as the detector warps them, and gives ``probs``
   (N, C + 1), the softmax over the classes and background (last). Proposals, SVMs, box
   regression and NMS stay outside the file.
+- shared-mode detector: also DIR/trunk.onnx (``images`` (1, 3, H, W), H and W dynamic ->
+  ``features``) and DIR/region_head.onnx (``features``, ``boxes`` (R, 4) in image pixels ->
+  ``probs`` (R, C + 1)): the trunk once per image, RoIAlign and the last stages per region.
 
 The export is run on random input (batch 1 and 3) and on the given images (for a detector: crops of
 each image warped as in detection) with onnxruntime and PyTorch; the largest absolute difference
@@ -49,7 +52,8 @@ from backbone.runtime import UserError, run_tool, setup_logging
 from backbone.transforms import eval_resize_size, eval_transform
 from backbone.weights import load_model, read_weights_file
 from detect.rcnn.data import image_to_tensor
-from detect.rcnn.model import DETECTOR_FORMAT, load_detector
+from detect.rcnn.export import check_shared_onnx, export_shared_onnx
+from detect.rcnn.model import DETECTOR_FORMAT, RegionClassifier, load_detector
 from detect.rcnn.regions import warp_regions
 
 logger = logging.getLogger("export_onnx")
@@ -93,6 +97,7 @@ class Target:
     info: dict[str, Any] = field(default_factory=dict)  # preprocessing and notes for the JSON
     shorter_side: int | None = None  # detector: images are shrunk to this before warping
     padding: int = 0  # detector: context pixels around each warped region
+    detector: RegionClassifier | None = None
 
     def real_inputs(self, paths: list[Path]) -> torch.Tensor:
         if not self.softmax:
@@ -159,7 +164,10 @@ def detector_target(args: argparse.Namespace) -> Target:
     shorter_side = (meta.get("data") or {}).get("shorter_side")
     notes = []
     if arch.mode == "shared":
-        notes.append("trained in shared mode; this file is the crop-mode network (whole network per region)")
+        notes.append(
+            "trained in shared mode; this file is the crop-mode network (whole network per region); "
+            "trunk.onnx + region_head.onnx are the shared-mode pair"
+        )
     if detector.svms is not None:
         notes.append("the detector scores with its SVMs, not exported: this file gives the network's softmax")
     if detector.box_regressor is not None:
@@ -177,8 +185,30 @@ def detector_target(args: argparse.Namespace) -> Target:
         "region_classifier", network, FirstOutput(network, softmax=True), arch.input_size,
         "regions", "probs", True, [*names, "__background__"] if names else None,
         {"preprocessing": preprocessing, "mode": arch.mode, "notes": notes},
-        int(shorter_side) if shorter_side else None, arch.padding,
+        int(shorter_side) if shorter_side else None, arch.padding, detector,
     )  # fmt: skip
+
+
+def export_and_check_shared(
+    target: Target, out: Path, args: argparse.Namespace, generator: torch.Generator
+) -> dict[str, float]:
+    """Shared mode: trunk.onnx + region_head.onnx, checked on a random and the given images with
+    three boxes each (the whole image, its centre half, its top-left quarter)."""
+    side = target.shorter_side or 2 * target.image_size
+    trunk, head = export_shared_onnx(target.detector, out, (side, side + side // 3), opset=args.opset)
+    print(f"exported {trunk} and {head} (shared mode: trunk once per image, head per region)")
+    images = {"random image": torch.randn(1, 3, side, side + 16, generator=generator)}
+    for path in args.image or []:
+        image = read(path)
+        image = shrink_to_shorter_side(image, target.shorter_side) if target.shorter_side else image
+        images[f"shared mode, {path.name}"] = image_to_tensor(image)[None]
+    differences = {}
+    for name, image in images.items():
+        h, w = image.shape[2:]
+        boxes = torch.tensor([[0, 0, w, h], [w / 4, h / 4, 3 * w / 4, 3 * h / 4], [0, 0, w / 2, h / 2]])
+        differences[name] = check_shared_onnx(target.detector, trunk, head, image, boxes.float())
+        print(f"onnxruntime vs PyTorch, {name}: max abs difference {differences[name]:.3g}")
+    return differences
 
 
 def main(args: argparse.Namespace) -> int:
@@ -206,6 +236,8 @@ def main(args: argparse.Namespace) -> int:
     for name, inputs in checks.items():
         differences[name] = check_onnx(session, target.reference, inputs)
         print(f"onnxruntime vs PyTorch, {name}: max abs difference {differences[name]:.3g}")
+    if target.detector is not None and target.detector.arch.mode == "shared":
+        differences |= export_and_check_shared(target, out, args, generator)
     worst = max(differences.values())
     print(f"max abs difference {worst:.3g} (tolerance {args.tolerance:g})")
     info = {
