@@ -63,7 +63,7 @@ class FirstOutput(nn.Module):
 def export_module_onnx(
     module: nn.Module,
     path: str | Path,
-    example_input: Tensor | tuple[Tensor, ...],
+    example_input: Tensor | Sequence[Tensor],
     input_names: Sequence[str] = ("images",),
     output_names: Sequence[str] = ("logits",),
     opset: int = DEFAULT_OPSET,
@@ -79,7 +79,7 @@ def export_module_onnx(
     module = module.eval()
     if dynamic_axes is None and dynamic_batch:
         dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with torch.no_grad(), warnings.catch_warnings():

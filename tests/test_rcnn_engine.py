@@ -1,15 +1,24 @@
 """One scoring pass, several detection variants: each equals what a model carrying only that
-extra detects; bf16 scoring stays close to fp32."""
+extra detects; bf16 scoring stays close to fp32; images without proposals or objects."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import cv2
+import numpy as np
 import torch
 
+from detect.datasets.records import DetectionRecord
 from detect.rcnn.box_regression import BoxRegressor
-from detect.rcnn.data import ScoringSample
-from detect.rcnn.engine import InferenceSettings, detect_sample, detect_sample_variants, score_regions
+from detect.rcnn.data import RegionTrainDataset, ScoringSample, collate_regions
+from detect.rcnn.engine import (
+    InferenceSettings,
+    detect_sample,
+    detect_sample_variants,
+    rcnn_step,
+    score_regions,
+)
 from detect.rcnn.model import RegionClassifierArch, build_region_classifier
 from detect.rcnn.svm import LinearSVMs
 
@@ -67,4 +76,41 @@ def test_bf16_scoring_is_close_to_fp32() -> None:
     fp32 = score_regions(model, image, BOXES, region_batch=2, channels_last=False).probs
     bf16 = score_regions(model, image, BOXES, region_batch=2, channels_last=False, precision="bf16").probs
     assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0)
+
+
+def test_an_image_without_proposals_gives_no_detections() -> None:
+    model = tiny_model()
+    settings = InferenceSettings(region_batch=2, score_threshold=0.0, channels_last=False)
+    empty = ScoringSample(torch.randn(3, 80, 96), torch.zeros(0, 4), (0.5, 0.5), 0)
+    dets = detect_sample([model], empty, 3, settings)
+    assert dets["image_id"] == 3 and dets["boxes"].shape == (0, 4) and len(dets["scores"]) == 0
+
+
+def test_training_images_without_objects_or_proposals(tmp_path) -> None:
+    path = tmp_path / "empty.png"
+    cv2.imwrite(str(path), np.full((40, 60, 3), 90, np.uint8))
+    records = [DetectionRecord(1, str(path), 60, 40), DetectionRecord(2, str(path), 60, 40)]
+    proposals = [np.array([[0, 0, 30, 20], [10, 10, 50, 40]], np.float32), np.zeros((0, 4), np.float32)]
+    ds = RegionTrainDataset(records, proposals, 2, regions_per_image=4, in_memory=False)
+    _, boxes, labels = ds[0]  # no objects: every region is background (index C = 2)
+    assert len(labels) == 4 and (labels == 2).all() and len(boxes) == 4
+    _, boxes, labels = ds[1]  # neither objects nor proposals: an empty sample
+    assert len(labels) == 0 and boxes.shape == (0, 4)
+    # A batch of empty samples is a zero step, not an error.
+    model = tiny_model().train()
+    out = rcnn_step(torch.device("cpu"), channels_last=False)(model, collate_regions([ds[1], ds[1]]))
+    assert out.batch_size == 0 and float(out.loss) == 0.0
+
+
+def test_bf16_scoring_in_shared_mode_keeps_box_coordinates() -> None:
+    torch.manual_seed(0)
+    arch = RegionClassifierArch(variant="bn", num_classes=2, mode="shared", input_size=64, padding=4)
+    model = build_region_classifier(arch).eval()
+    torch.nn.init.normal_(model.backbone.fc.weight, std=0.5)
+    image = torch.randn(1, 3, 600, 700)
+    # Two boxes 1 px apart at x ~ 500, where bf16 coordinates would be rounded to the same value.
+    boxes = torch.tensor([[301.0, 200.0, 501.0, 400.0], [302.0, 200.0, 502.0, 400.0]])
+    fp32 = score_regions(model, image, boxes, region_batch=2, channels_last=False).probs
+    bf16 = score_regions(model, image, boxes, region_batch=2, channels_last=False, precision="bf16").probs
     torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0)

@@ -4,7 +4,10 @@ writes everything inference needs, and bad input ends in one clear line."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from detect.proposals.cache import read_cache
 from detect.rcnn.model import load_detector
 from detect.rcnn.predictor import Predictor
 
+REPO = Path(__file__).resolve().parents[1]
 train_det = load_tool("train_det")
 detect_images = load_tool("detect_images")
 test_det = load_tool("test_det")
@@ -61,7 +65,9 @@ def run(tool, *argv: str) -> int:
     return tool.main(tool.get_args_parser().parse_args(list(argv)))
 
 
-def test_tiny_run_learns_and_test_det_reproduces_its_evaluation(tmp_path: Path) -> None:
+def test_tiny_run_learns_and_test_det_reproduces_its_evaluation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = write_config(tmp_path)
     untrained = tmp_path / "untrained"
     no_training = ("--set", "optim.lr=0.0", "--set", "train.epochs=1")
@@ -87,6 +93,19 @@ def test_tiny_run_learns_and_test_det_reproduces_its_evaluation(tmp_path: Path) 
                "--out", str(tmp_path / "ens")) == 0  # fmt: skip
     ensemble = json.loads((tmp_path / "ens" / "eval_val.json").read_text())
     assert ensemble["voc"]["mAP"] != tested["voc"]["mAP"]
+    # Data of another class set (one class, not the model's eight): one line, exit 2, no traceback.
+    one_class = tmp_path / "one_class.json"
+    scene = Path(train_records(tmp_path)[0].file_name)
+    one_class.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": str(scene), "width": 128, "height": 128}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900,
+                         "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }))  # fmt: skip
+    args = test_det.get_args_parser().parse_args(
+        ["--checkpoint", str(out / "model.pt"), "--data", str(one_class)]
+    )
+    assert run_tool(test_det.main, args) == 2
 
     # tools/detect_images.py: the proposer rebuilt from the model file gives the cached boxes; a folder
     # with an unreadable file is processed, the file skipped and the exit code says so.
@@ -174,3 +193,35 @@ def test_extras_are_scored_with_and_without_in_one_final_pass(tmp_path: Path) ->
     plain = json.loads((tmp_path / "t" / "eval_val_softmax.json").read_text())["voc"]["mAP"]
     assert final == pytest.approx(summary["val_mAP_voc"], abs=0.02)
     assert plain == pytest.approx(summary["val_before_extras_mAP_voc"], abs=0.02)
+    # A variant that needs an extra the model does not carry is refused, not silently the softmax.
+    argv = ["--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "t2"), "--variants", "svm"]
+    with pytest.raises(UserError, match="carry no SVMs"):
+        test_det.main(test_det.get_args_parser().parse_args(argv))
+
+
+def torchrun(tool: str, *args: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [*launcher, f"tools/{tool}.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_two_process_torchrun_trains_and_splits_evaluation_across_ranks(tmp_path: Path) -> None:
+    config = write_config(tmp_path, epochs=1)
+    out = tmp_path / "ddp"
+    one_thread = ("--set", "threads=1")
+    proc = torchrun("train_det", "--config", str(config), "--out", str(out), *one_thread)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val_mAP_voc" in json.loads((out / "summary.json").read_text())
+    # test_det over 2 ranks (each scores half of the images, rank 0 gathers) == one process.
+    single, split = tmp_path / "single", tmp_path / "split"
+    assert run(test_det, "--checkpoint", str(out / "model.pt"), "--out", str(single)) == 0
+    proc = torchrun("test_det", "--checkpoint", str(out / "model.pt"), "--out", str(split))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((d / "eval_val.json").read_text()) for d in (single, split))
+    assert two["voc"]["mAP"] == pytest.approx(one["voc"]["mAP"], abs=1e-6)
+    dets = [json.loads((d / "detections_val.json").read_text()) for d in (single, split)]
+    assert len(dets[1]) == len(dets[0]) and {d["image_id"] for d in dets[1]} == {
+        d["image_id"] for d in dets[0]
+    }

@@ -5,15 +5,18 @@
 Stages, each a tool run in its own process (as a user would run them) with its own run directory
 under ``--out``: scenes (train / val) -> pretrain GoogLeNet-bn with aux heads (train_cls) ->
 MultiBox (train_multibox) -> SS x2 + MultiBox proposals and the R-CNN region classifier
-(train_det, which builds the proposal caches) -> evaluation. A stage whose model file exists is
-reused and said so (``--rebuild`` starts over). ``--quick`` shrinks every stage (the test suite's
-form). Writes ``--out``/detections/*.png (ground truth beside detections), the detector's
-pr_val/*.png, eval_val.json and each stage's curves.png, and timings.json (seconds per stage).
+(train_det, which builds the proposal caches) -> evaluation. A stage whose model file was built
+from the same command, config text and input models is reused and said so (``--rebuild`` starts
+over). ``--quick`` shrinks every stage (the test suite's form). Writes ``--out``/detections/*.png
+(ground truth beside detections, the first 8 validation scenes), the detector's pr_val/*.png,
+eval_val.json and each stage's curves.png, and timings.json (seconds per stage; a reused stage
+gives the seconds it took when built, and is listed under "reused").
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -75,19 +78,43 @@ def scene_settings(overrides: list[str]) -> dict[str, int]:
     }
 
 
-def run_stage(name: str, tool: str, config: Path, out: Path, overrides: list[str]) -> float:
-    """Run ``tools/<tool>.py`` unless ``out/model.pt`` exists; seconds spent (0 when reused)."""
-    if (out / "model.pt").is_file():
-        logger.info("%s: reusing %s (--rebuild to train again)", name, out / "model.pt")
-        return 0.0
+def stage_key(command: list[str], config: Path, inputs: list[Path]) -> dict:
+    """What a stage's model depends on: its command, its config file's text and the model files it
+    starts from (modification time and size)."""
+    return {
+        "command": command[1:],
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+        "inputs": {str(p): [p.stat().st_mtime_ns, p.stat().st_size] for p in inputs},
+    }
+
+
+def run_stage(
+    name: str, tool: str, config: Path, out: Path, overrides: list[str], inputs: list[Path]
+) -> tuple[float, bool]:
+    """Run ``tools/<tool>.py`` unless ``out`` holds a model.pt built from the same command, config
+    text and input models (``inputs``); returns (seconds the build took, reused).
+    ``out/demo_stage.json`` records that key and the seconds."""
     command = [sys.executable, str(REPO / "tools" / f"{tool}.py"), "--config", str(config), "--out", str(out)]
     command += ["--overwrite"] + [arg for item in overrides for arg in ("--set", item)]
+    key = stage_key(command, config, inputs)
+    record = out / "demo_stage.json"
+    if (out / "model.pt").is_file() and record.is_file():
+        built = json.loads(record.read_text())
+        if built.get("key") == key:
+            logger.info("%s: reusing %s (--rebuild to train again)", name, out / "model.pt")
+            return float(built["seconds"]), True
+        logger.info(
+            "%s: %s was built from other settings or inputs: building it again", name, out / "model.pt"
+        )
+    record.unlink(missing_ok=True)
     logger.info("%s: %s", name, " ".join(command[1:]))
     started = time.perf_counter()
     code = subprocess.run(command, cwd=REPO, check=False).returncode
     if code != 0:
         raise UserError(f"{name}: {tool} exited with code {code} (see {out / 'log.txt'})")
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    record.write_text(json.dumps({"key": key, "seconds": seconds}, indent=2) + "\n")
+    return seconds, False
 
 
 def main(args: argparse.Namespace) -> int:
@@ -103,6 +130,7 @@ def main(args: argparse.Namespace) -> int:
     ]
     scenes = scene_settings(quick.get("detector", []))
     timings: dict[str, float] = {}
+    reused: list[str] = []
     started = time.perf_counter()
     for split in ("train", "val"):
         build_synthetic_detection_dataset(
@@ -111,31 +139,25 @@ def main(args: argparse.Namespace) -> int:
     timings["scenes"] = time.perf_counter() - started
 
     pretrain, multibox, detector = out / "pretrain", out / "multibox", out / "detector"
-    timings["pretrain"] = run_stage(
-        "pretrain", "train_cls", CONFIGS / "pretrain.yaml", pretrain, quick.get("pretrain", [])
-    )
     scenes_dir = out / "scenes"
     train_spec = (
         f"[{{path: {annotation_path(scenes_dir, 'train')}, image_root: {image_root(scenes_dir, 'train')}}}]"
     )
-    timings["multibox"] = run_stage(
-        "multibox",
-        "train_multibox",
-        CONFIGS / "multibox.yaml",
-        multibox,
-        [f"model.init={pretrain / 'model.pt'}", f"data.train={train_spec}", *quick.get("multibox", [])],
-    )
-    timings["detector"] = run_stage(
-        "detector",
-        "train_det",
-        CONFIGS / "detector.yaml",
-        detector,
-        [
-            f"model.init={pretrain / 'model.pt'}",
-            f"proposals.multibox.model={multibox / 'model.pt'}",
-            *detector_overrides,
-        ],
-    )
+    stages = [  # name, tool, config, run directory, overrides, the models it starts from
+        ("pretrain", "train_cls", "pretrain.yaml", pretrain, quick.get("pretrain", []), []),
+        ("multibox", "train_multibox", "multibox.yaml", multibox,
+         [f"model.init={pretrain / 'model.pt'}", f"data.train={train_spec}", *quick.get("multibox", [])],
+         [pretrain]),
+        ("detector", "train_det", "detector.yaml", detector,
+         [f"model.init={pretrain / 'model.pt'}", f"proposals.multibox.model={multibox / 'model.pt'}",
+          *detector_overrides], [pretrain, multibox]),
+    ]  # fmt: skip
+    for name, tool, config, stage_dir, overrides, inputs in stages:
+        models = [d / "model.pt" for d in inputs]
+        seconds, was_reused = run_stage(name, tool, CONFIGS / config, stage_dir, overrides, models)
+        timings[name] = seconds
+        if was_reused:
+            reused.append(name)
 
     dataset = build_synthetic_detection_dataset(
         out / "scenes", "val", num_images=scenes["val"], image_size=scenes["image_size"], seed=0
@@ -151,21 +173,20 @@ def main(args: argparse.Namespace) -> int:
         entry["labels"].append(id_to_label[det["category_id"]])
     pictures = save_detection_pictures(dataset.records, predictions, dataset.class_names, out / "detections")
     timings["total"] = time.perf_counter() - started
-    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
+    (out / "timings.json").write_text(
+        json.dumps(timings | {"reused": reused}, indent=2) + "\n", encoding="utf-8"
+    )
 
     print((detector / "eval_val.txt").read_text())
     summary = json.loads((detector / "eval_val.json").read_text())
     voc = summary.get("voc", {}).get("mAP")
     coco = summary.get("coco", {}).get("stats", {}).get("AP")
-    print(
-        f"mAP@0.5 (VOC all-point) {voc:.3f}, COCO AP {coco:.3f}"
-        if voc is not None and coco is not None
-        else ""
-    )
+    if voc is not None and coco is not None:
+        print(f"mAP@0.5 (VOC all-point) {voc:.3f}, COCO AP {coco:.3f}")
     print(
         "timings (s): "
         + ", ".join(
-            f"{k} {v:.0f}" + (" (reused)" if v == 0 and k != "total" else "") for k, v in timings.items()
+            f"{k} {v:.0f}" + (" (reused: when built)" if k in reused else "") for k, v in timings.items()
         )
     )
     print(

@@ -124,6 +124,15 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UserError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    missing = {
+        "svm": "SVMs" if not all(m.svms is not None for m in models) else None,
+        "softmax+bbox": "box regression" if all(m.box_regressor is None for m in models) else None,
+    }
+    for variant in variants:
+        if missing.get(variant):
+            raise UserError(
+                f"--variants {variant}: the model(s) carry no {missing[variant]} (extras.* in train_det)"
+            )
     settings = InferenceSettings(
         test_cfg["region_batch"],
         test_cfg["score_threshold"],

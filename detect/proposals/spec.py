@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from backbone.runtime.config import config_from_dict
+from backbone.runtime.dist import any_rank
 from backbone.runtime.paths import resolve_data_path
 from detect.datasets.records import DetectionRecord
 from detect.proposals.cache import MANIFEST, ProposalCacheError, ProposalSet, build_cache, load_cache
@@ -158,7 +159,9 @@ def ensure_proposals(
     except ValueError as err:
         raise ProposalCacheError(f"proposals: {err}") from None
     directory, method = list(plan.values())[-1]
-    if not (directory / MANIFEST).is_file():
+    # Decided together: a rank that looked after another had started writing the manifest would
+    # skip the (collective) build and read a cache still in progress.
+    if any_rank(not (directory / MANIFEST).is_file()):
         for component_dir, component in plan.values():
             build_cache(
                 records,

@@ -143,15 +143,19 @@ def ensemble_scores(
     precision: str = "fp32",
 ) -> RegionScores:
     """The mean over the members of each score (the paper's ensemble averages the softmax), of the
-    SVM scores of the members that carry SVMs, and of the refined boxes of those that regress boxes."""
+    SVM scores when every member carries SVMs (else the softmax is what the ensemble detects with),
+    and of the refined boxes of the members that regress boxes."""
     scored = [score_regions(m, image, boxes, region_batch, channels_last, precision) for m in models]
 
     def mean(parts: list[Tensor | None]) -> Tensor | None:
         present = [p for p in parts if p is not None]
         return torch.stack(present).mean(0) if present else None
 
+    svms = [s.svm for s in scored]
     return RegionScores(
-        mean([s.probs for s in scored]), mean([s.svm for s in scored]), mean([s.refined for s in scored])
+        mean([s.probs for s in scored]),
+        mean(svms) if all(s is not None for s in svms) else None,
+        mean([s.refined for s in scored]),
     )
 
 

@@ -57,6 +57,8 @@ def export_shared_onnx(
     """Write ``trunk.onnx`` and ``region_head.onnx`` for a shared-mode ``detector`` into ``out_dir``."""
     if detector.arch.mode != "shared":
         raise ValueError("export_shared_onnx needs a shared-mode detector")
+    if opset < 16:  # RoiAlign's half-pixel coordinates (aligned=True) came with opset 16
+        raise ValueError(f"the shared-mode head needs ONNX opset >= 16, got {opset}")
     fused = fused_copy(detector)
     out_dir = Path(out_dir)
     image = torch.zeros(1, 3, *image_size)

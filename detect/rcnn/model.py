@@ -102,9 +102,10 @@ class RegionClassifier(nn.Module):
         sees for a whole ``input_size`` image: a region the size of the image reproduces the plain network."""
         arch = self.arch
         boxes = context_boxes(rois[:, 1:].float(), arch.input_size, arch.padding)
-        rois = torch.cat([rois[:, :1].to(boxes.dtype), boxes], dim=1).to(features.dtype)
+        rois = torch.cat([rois[:, :1].float(), boxes], dim=1)
         scale = 1.0 / self.feature_stride
-        return roi_align(features, rois, self.roi_size, scale, arch.sampling_ratio, aligned=True)
+        # In fp32 whatever the autocast: bf16 box coordinates would be rounded to 2-4 px.
+        return roi_align(features.float(), rois, self.roi_size, scale, arch.sampling_ratio, aligned=True)
 
     def classify_features(self, features: Tensor, rois: Tensor) -> GoogLeNetOutputs:
         """Shared mode: the stages after the trunk and the classifier, per region."""
