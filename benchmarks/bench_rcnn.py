@@ -2,6 +2,7 @@
 shared-feature mode against crop mode, in one run on the same image and boxes.
 
     python benchmarks/bench_rcnn.py [--size 128] [--regions 128] [--image 384x512] [--repeats 3]
+        [--trunk-stage inception4e --trunk-stage inception5a]
 
 Prints the ratio crop-mode throughput / bare-forward throughput (issue target >= 0.85) and the
 seconds per image of both modes' region stage for ``--proposals`` boxes (target: shared >= 10x fewer).
@@ -11,6 +12,7 @@ Run it alone: another CPU job on the cores changes both sides, not only one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -40,6 +42,9 @@ def main() -> None:
     parser.add_argument("--image", default="384x512", help="HxW of the image the boxes come from")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--trunk-stage", action="append", default=None, help="shared mode's last per-image stage (repeatable)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     height, width = (int(v) for v in args.image.split("x"))
@@ -61,16 +66,18 @@ def main() -> None:
         f"warp + forward {args.regions / warped:.1f} regions/s, ratio {bare / warped:.3f} (target >= 0.85)"
     )
 
-    shared = build_region_classifier(
-        RegionClassifierArch("bn", 3, mode="shared", input_size=args.size, padding=8)
-    ).eval()
-    shared.backbone = fuse_for_inference(shared.backbone, channels_last=True)
     crop_s = best_of(lambda: region_probs(crop, image, boxes, args.regions), 1)
-    shared_s = best_of(lambda: region_probs(shared, image, boxes, args.regions), 1)
-    print(
-        f"{args.proposals} proposals on a {height}x{width} image: crop mode {crop_s:.2f} s/img, "
-        f"shared mode {shared_s:.2f} s/img, {crop_s / shared_s:.1f}x fewer seconds (target >= 10x)"
-    )
+    for stage in args.trunk_stage or ["inception4e"]:
+        arch = RegionClassifierArch("bn", 3, mode="shared", input_size=args.size, padding=8)
+        arch = dataclasses.replace(arch, trunk_stage=stage)
+        shared = build_region_classifier(arch).eval()
+        shared.backbone = fuse_for_inference(shared.backbone, channels_last=True)
+        shared_s = best_of(lambda: region_probs(shared, image, boxes, args.regions), 1)  # noqa: B023
+        print(
+            f"{args.proposals} proposals on a {height}x{width} image: crop mode {crop_s:.2f} s/img, "
+            f"shared mode (trunk to {stage}) {shared_s:.2f} s/img, "
+            f"{crop_s / shared_s:.1f}x fewer seconds (target >= 10x)"
+        )
 
 
 if __name__ == "__main__":
