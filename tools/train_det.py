@@ -23,9 +23,7 @@ from typing import Literal
 
 import torch
 
-from backbone.inference import fuse_for_inference
 from backbone.runtime import config as cfglib
-from backbone.runtime.checkpoint import unwrap_model
 from backbone.runtime.dist import is_main_process
 from backbone.runtime.errors import UserError
 from backbone.runtime.loader import ResumableLoader
@@ -40,7 +38,7 @@ from detect.rcnn.build import build_detector, build_optimizer
 from detect.rcnn.data import RegionScoringDataset, RegionTrainDataset, collate_regions
 from detect.rcnn.engine import InferenceSettings, rcnn_step
 from detect.rcnn.extras import train_box_regressor, train_svms
-from detect.rcnn.model import RegionClassifier, save_detector
+from detect.rcnn.model import inference_copy, save_detector
 from detect.rcnn.pipeline import (
     DetectionSplit,
     evaluate_detector,
@@ -360,15 +358,6 @@ def fit_extras(cfg: TrainDetConfig, model, train_ds: RegionTrainDataset, run_eva
     }
     logger.info("with extras: %s", ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
     return after
-
-
-def inference_copy(model: RegionClassifier, channels_last: bool) -> RegionClassifier:
-    """An evaluation copy of ``model`` with BatchNorm folded (``fuse_for_inference``), its extras kept;
-    the training model is left untouched."""
-    model = unwrap_model(model)
-    fused = RegionClassifier(fuse_for_inference(model.backbone, channels_last=channels_last), model.arch)
-    fused.box_regressor, fused.svms = model.box_regressor, model.svms
-    return fused.eval()
 
 
 def headline(result) -> dict[str, float]:

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from backbone.export import DEFAULT_OPSET, export_module_onnx, onnx_session
-from backbone.inference import fuse_for_inference
-from detect.rcnn.model import RegionClassifier
+from detect.rcnn.model import RegionClassifier, inference_copy
 
 
 class SharedTrunk(nn.Module):
@@ -45,12 +44,6 @@ class SharedRegionHead(nn.Module):
         return torch.softmax(net.fc(torch.flatten(net.avgpool(x), 1)), dim=1)
 
 
-def fused_copy(detector: RegionClassifier) -> RegionClassifier:
-    """The detector with BatchNorm folded, in eval mode (the original is untouched)."""
-    fused = RegionClassifier(fuse_for_inference(detector.backbone, channels_last=False), detector.arch)
-    return fused.eval()
-
-
 def export_shared_onnx(
     detector: RegionClassifier, out_dir: str | Path, image_size: tuple[int, int], opset: int = DEFAULT_OPSET
 ) -> tuple[Path, Path]:
@@ -59,7 +52,7 @@ def export_shared_onnx(
         raise ValueError("export_shared_onnx needs a shared-mode detector")
     if opset < 16:  # RoiAlign's half-pixel coordinates (aligned=True) came with opset 16
         raise ValueError(f"the shared-mode head needs ONNX opset >= 16, got {opset}")
-    fused = fused_copy(detector)
+    fused = inference_copy(detector, channels_last=False)
     out_dir = Path(out_dir)
     image = torch.zeros(1, 3, *image_size)
     trunk = export_module_onnx(

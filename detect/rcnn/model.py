@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from backbone.googlenet import AUX_AFTER, GoogLeNet, GoogLeNetOutputs
+from backbone.inference import fuse_for_inference
 from backbone.weights import atomic_torch_save, read_weights_file
 from detect.rcnn.box_regression import BoxRegressor
 from detect.rcnn.regions import context_boxes, warp_regions
@@ -133,6 +134,15 @@ class RegionClassifier(nn.Module):
             x = self.pool_regions(trunk, rois)
             x = net.forward_stages(x, names[names.index(self.arch.trunk_stage) + 1], names[-1])
         return torch.flatten(net.avgpool(x), 1)
+
+
+def inference_copy(model: RegionClassifier, channels_last: bool = True) -> RegionClassifier:
+    """An eval-mode copy of ``model`` (DDP-unwrapped) with BatchNorm folded (``fuse_for_inference``)
+    and its extras kept; the original is left untouched."""
+    model = getattr(model, "module", model)
+    fused = RegionClassifier(fuse_for_inference(model.backbone, channels_last=channels_last), model.arch)
+    fused.box_regressor, fused.svms = model.box_regressor, model.svms
+    return fused.eval()
 
 
 def _is_channels_last(x: Tensor) -> bool:
