@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +39,6 @@ from detect.proposals.spec import (
     spec_from_settings,
 )
 
-REBUILD = "python tools/propose.py --config X.yaml --split test"
 
 
 def small_spec(tmp_path: Path, method: str = "ss", model: Path | None = None, **extra) -> ProposalSpec:
@@ -156,7 +156,7 @@ def test_build_proposer_gives_the_cached_boxes_for_ss_multibox_and_union(tmp_pat
     make_multibox_file(model, seed=0)
     spec = replace(small_spec(tmp_path, "both", model), workers=2)  # the pool's workers, not in-process
     proposals, described = ensure_proposals(
-        records, spec, "tiny", "test", rebuild_command=REBUILD, progress=False
+        records, spec, "tiny", "test", progress=False
     )
     plan = plan_caches(spec, "tiny", "test")
     for name, (directory, method) in plan.items():
@@ -214,12 +214,12 @@ def test_ensure_proposals_builds_once_then_reads(tmp_path: Path) -> None:
     directory, method = configured_method(spec, "tiny", "test")
     assert not directory.exists()
     first, described = ensure_proposals(
-        records, spec, "tiny", "test", rebuild_command=REBUILD, progress=False
+        records, spec, "tiny", "test", progress=False
     )
     assert described["kind"] == "selective_search" and "multibox" not in described
     shards = {p: p.stat().st_mtime_ns for p in directory.glob("shard_*.npz")}
     assert len(shards) == 2
-    again, _ = ensure_proposals(records, spec, "tiny", "test", rebuild_command=REBUILD, progress=False)
+    again, _ = ensure_proposals(records, spec, "tiny", "test", progress=False)
     assert {p: p.stat().st_mtime_ns for p in directory.glob("shard_*.npz")} == shards  # read, not rebuilt
     for a, b in zip(first.boxes, again.boxes, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -227,9 +227,10 @@ def test_ensure_proposals_builds_once_then_reads(tmp_path: Path) -> None:
 
 def one_line_refusal(records, spec, message: str) -> str:
     with pytest.raises(ProposalCacheError, match=message) as caught:
-        ensure_proposals(records, spec, "tiny", "test", rebuild_command=REBUILD, progress=False)
+        ensure_proposals(records, spec, "tiny", "test", progress=False)
     text = str(caught.value)
-    assert "\n" not in text and text.endswith(f"; rebuild it with {REBUILD}")
+    directory, _ = configured_method(spec, "tiny", "test")
+    assert "\n" not in text and text.endswith(f"; delete {directory} and run again to rebuild it")
     return text
 
 
@@ -237,7 +238,7 @@ def test_ensure_proposals_refuses_a_stale_foreign_or_incomplete_cache(tmp_path: 
     records = write_images(tmp_path / "images", 3)
     spec = small_spec(tmp_path)
     directory, _ = configured_method(spec, "tiny", "test")
-    ensure_proposals(records, spec, "tiny", "test", rebuild_command=REBUILD, progress=False)
+    ensure_proposals(records, spec, "tiny", "test", progress=False)
     # Other settings into the same directory (max_proposals is not part of its name).
     other = replace(spec, ss=replace(spec.ss, max_proposals=30))
     text = one_line_refusal(records, other, "stale proposal cache .changed: method.")
@@ -250,6 +251,10 @@ def test_ensure_proposals_refuses_a_stale_foreign_or_incomplete_cache(tmp_path: 
     manifest = directory / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "complete": False}))
     one_line_refusal(records, spec, "incomplete")
+    # The advice works: once the directory is gone the next call rebuilds it.
+    shutil.rmtree(directory)
+    rebuilt, _ = ensure_proposals(records, spec, "tiny", "test", progress=False)
+    assert len(rebuilt.boxes) == len(records) and json.loads(manifest.read_text())["complete"]
     # Settings that make no method at all.
     with pytest.raises(ProposalCacheError, match="^proposals: multibox.model: no MultiBox model"):
-        ensure_proposals(records, small_spec(tmp_path, "both"), "t", "s", rebuild_command=REBUILD)
+        ensure_proposals(records, small_spec(tmp_path, "both"), "t", "s")

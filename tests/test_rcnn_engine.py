@@ -1,5 +1,5 @@
 """One scoring pass, several detection variants: each equals what a model carrying only that
-extra detects; bf16 scoring stays close to fp32; images without proposals or objects."""
+extra detects; bf16 scoring stays close to fp32; images without proposals or objects; test-time flip."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from detect.rcnn.engine import (
     InferenceSettings,
     detect_sample,
     detect_sample_variants,
+    mirror_boxes,
     rcnn_step,
     score_regions,
 )
@@ -114,3 +115,25 @@ def test_bf16_scoring_in_shared_mode_keeps_box_coordinates() -> None:
     fp32 = score_regions(model, image, boxes, region_batch=2, channels_last=False).probs
     bf16 = score_regions(model, image, boxes, region_batch=2, channels_last=False, precision="bf16").probs
     torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0)
+
+
+def test_flip_averages_the_image_and_its_mirror() -> None:
+    model = tiny_model()
+    model.box_regressor = BoxRegressor(torch.randn(2, 1025, 4) * 0.01)
+    image, width = torch.randn(1, 3, 80, 96), 96
+    mirrored_boxes = mirror_boxes(BOXES, width)
+    torch.testing.assert_close(mirror_boxes(mirrored_boxes, width), BOXES)
+    assert torch.equal(mirrored_boxes[0], torch.tensor([56.0, 0.0, 96.0, 40.0]))
+
+    def scores(img, boxes, flip=False):
+        return score_regions(model, img, boxes, region_batch=2, channels_last=False, flip=flip)
+
+    direct, mirror = scores(image, BOXES), scores(image.flip(-1), mirrored_boxes)
+    both = scores(image, BOXES, flip=True)
+    torch.testing.assert_close(both.probs, (direct.probs + mirror.probs) / 2)
+    torch.testing.assert_close(both.refined, (direct.refined + mirror_boxes(mirror.refined, width)) / 2)
+    assert not torch.allclose(direct.probs, mirror.probs)  # the views differ: averaging does something
+    # Flip-averaged scores do not depend on which of the two views came in.
+    other = scores(image.flip(-1), mirrored_boxes, flip=True)
+    torch.testing.assert_close(other.probs, both.probs)
+    torch.testing.assert_close(mirror_boxes(other.refined, width), both.refined)

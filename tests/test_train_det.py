@@ -149,7 +149,7 @@ def test_stop_and_exact_resume(tmp_path: Path) -> None:
 def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path)
     parser = train_det.get_args_parser()
-    # A stale proposal cache (other settings) is refused with the command that rebuilds it.
+    # A stale proposal cache (other settings) is refused, naming the directory to delete.
     (tmp_path / "cache" / "synthetic" / "train" / "ss_fast").mkdir(parents=True)
     (tmp_path / "cache" / "synthetic" / "train" / "ss_fast" / "manifest.json").write_text(
         '{"fingerprint": "x"}'
@@ -158,7 +158,7 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
         train_det.main, parser.parse_args(["--config", str(config), "--out", str(tmp_path / "a")])
     )
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(err) == 1 and "stale proposal cache" in err[0] and "tools/propose.py" in err[0]
+    assert code == 2 and len(err) == 1 and "stale proposal cache" in err[0] and "delete" in err[0]
     # A checkpoint that is not a detector.
     bogus = tmp_path / "bogus.pt"
     torch.save({"model": {}}, bogus)
@@ -193,6 +193,11 @@ def test_extras_are_scored_with_and_without_in_one_final_pass(tmp_path: Path) ->
     plain = json.loads((tmp_path / "t" / "eval_val_softmax.json").read_text())["voc"]["mAP"]
     assert final == pytest.approx(summary["val_mAP_voc"], abs=0.02)
     assert plain == pytest.approx(summary["val_before_extras_mAP_voc"], abs=0.02)
+    # --flip scores each region on the image and its mirror: other scores, same images and classes.
+    assert run(test_det, "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "f"), "--flip") == 0
+    direct, flipped = (json.loads((tmp_path / d / "detections_val.json").read_text()) for d in ("t", "f"))
+    assert {d["image_id"] for d in flipped} == {d["image_id"] for d in direct}
+    assert sorted(d["score"] for d in flipped) != sorted(d["score"] for d in direct)
     # A variant that needs an extra the model does not carry is refused, not silently the softmax.
     argv = ["--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "t2"), "--variants", "svm"]
     with pytest.raises(UserError, match="carry no SVMs"):

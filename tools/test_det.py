@@ -2,7 +2,7 @@
 
     python tools/test_det.py --checkpoint RUN/model.pt [--checkpoint RUN2/model.pt ...]
         [--data PATH [--names-file F] [--image-set S] [--name NAME]] [--split test]
-        [--metrics voc,voc07,coco] [--nms-iou 0.3] [--max-per-image 100] [--out DIR]
+        [--metrics voc,voc07,coco] [--nms-iou 0.3] [--max-per-image 100] [--flip] [--out DIR]
     torchrun --nproc_per_node=2 tools/test_det.py --checkpoint ...
 
 Several checkpoints average their region softmax (the paper's ensemble); they must share classes.
@@ -62,6 +62,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--precision", choices=("fp32", "bf16", "fp16"), default=None, help="autocast of the region forward"
     )
     parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average each region's scores with the mirrored image's (test-time augmentation; "
+        "default: the model's test.flip)",
+    )
+    parser.add_argument(
         "--variants",
         default="final",
         help=f"comma-separated of {', '.join(VARIANTS)}, all from one scoring pass (final: with the "
@@ -107,8 +114,7 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
             f"model's {meta['class_names']}"
         )
     spec = spec_from_settings(config["proposals"], source=f"{args.checkpoint[0]} proposals")
-    rebuild = f"python tools/propose.py ... --split {split_name} (cache {spec.cache_dir}/{name})"
-    boxes, _ = split_proposals(split, spec, name, rebuild)
+    boxes, _ = split_proposals(split, spec, name)
     overrides = {
         "nms_iou": args.nms_iou,
         "score_threshold": args.score_threshold,
@@ -139,6 +145,7 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
         test_cfg["nms_iou"],
         test_cfg["max_per_image"],
         precision=args.precision or test_cfg.get("precision", "fp32"),
+        flip=test_cfg.get("flip", False) if args.flip is None else args.flip,
         variants=variants,
     )
     dataset = RegionScoringDataset(split.dataset.records, boxes, data["shorter_side"], in_memory=False)

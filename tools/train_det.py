@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=2 tools/train_det.py --config ...
 
 Proposals come from the cache tools/propose.py writes (built here, with its progress bar, when
-missing; a stale one is refused with the command that rebuilds it). The run directory (default
+missing; a stale one is refused with the directory to delete so that the next run rebuilds it). The run directory (default
 ``runs/<config stem>``) receives config.yaml, log.txt, metrics.jsonl, curves.png, checkpoint.pt
 (exact resume), model.pt (everything inference needs), and for the validation split
 detections_val.json (COCO results) and eval_val.json / eval_val.txt (per-class AP per metric).
@@ -119,6 +119,7 @@ class TestConfig:
     max_per_image: int = 100
     region_batch: int = 64
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of the region forward at evaluation
+    flip: bool = False  # test-time augmentation: average with the mirrored image (twice the cost)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def inference_settings(cfg: TrainDetConfig) -> InferenceSettings:
     t = cfg.test
     return InferenceSettings(
-        t.region_batch, t.score_threshold, t.nms_iou, t.max_per_image, cfg.channels_last, t.precision
+        t.region_batch, t.score_threshold, t.nms_iou, t.max_per_image, cfg.channels_last, t.precision, flip=t.flip
     )
 
 
@@ -193,7 +194,6 @@ def main(args: argparse.Namespace) -> int:
 
 def train(cfg: TrainDetConfig, args: argparse.Namespace, run) -> int:
     data = cfg.data
-    rebuild = f"python tools/propose.py --config {args.config or '<this config>'} --split SPLIT"
     train_split = open_split(data, "train", cfg.seed)
     val_split = open_split(data, "val", cfg.seed)
     if val_split.dataset.class_names != train_split.dataset.class_names:
@@ -201,8 +201,8 @@ def train(cfg: TrainDetConfig, args: argparse.Namespace, run) -> int:
             f"data.val: classes {val_split.dataset.class_names} differ from data.train's "
             f"{train_split.dataset.class_names}"
         )
-    train_boxes, proposal_meta = split_proposals(train_split, cfg.proposals, data.name, rebuild)
-    val_boxes, _ = split_proposals(val_split, cfg.proposals, data.name, rebuild)
+    train_boxes, proposal_meta = split_proposals(train_split, cfg.proposals, data.name)
+    val_boxes, _ = split_proposals(val_split, cfg.proposals, data.name)
     class_names = train_split.dataset.class_names
     num_classes = len(class_names)
 

@@ -148,12 +148,12 @@ def ensure_proposals(
     name: str,
     split: str,
     *,
-    rebuild_command: str,
     progress: bool = True,
 ) -> tuple[ProposalSet, dict[str, Any]]:
     """The configured method's proposals for ``records``: read from its cache, or built (every
     planned cache, as propose.py would) when there is none. A cache of other images or settings,
-    or an interrupted one, is refused with one line naming ``rebuild_command``."""
+    or an interrupted one, is refused with one line saying which directory to delete so that the
+    next run rebuilds it (never replaced behind the user's back: other runs may read it)."""
     try:
         plan = plan_caches(spec, name, split)
     except ValueError as err:
@@ -174,5 +174,6 @@ def ensure_proposals(
     try:
         proposals = load_cache(records, method, directory)
     except ProposalCacheError as err:
-        raise ProposalCacheError(f"{str(err).split('; ')[0]}; rebuild it with {rebuild_command}") from None
+        problem = str(err).split("; ")[0]
+        raise ProposalCacheError(f"{problem}; delete {directory} and run again to rebuild it") from None
     return proposals, method_description(spec, directory, method)

@@ -91,12 +91,29 @@ def score_regions(
     region_batch: int,
     channels_last: bool = True,
     precision: str = "fp32",
+    flip: bool = False,
 ) -> RegionScores:
     """Score every box of one image ``(1, 3, h, w)``, ``region_batch`` at a time, in one pass.
 
     ``precision`` (fp32, bf16, fp16) is the autocast of the network's forward; the classifier, the
-    SVMs and the box regressor always run in fp32 on the pooled features.
+    SVMs and the box regressor always run in fp32 on the pooled features. ``flip``: also score the
+    mirrored image and average (test-time augmentation; training already flips, so the network has
+    seen both views): twice the cost.
     """
+    if flip:
+        direct = score_regions(model, image, boxes, region_batch, channels_last, precision)
+        width = image.shape[-1]
+        mirrored = score_regions(
+            model, image.flip(-1), mirror_boxes(boxes, width), region_batch, channels_last, precision
+        )
+        refined = None
+        if direct.refined is not None and mirrored.refined is not None:
+            refined = (direct.refined + mirror_boxes(mirrored.refined, width)) / 2
+        return RegionScores(
+            (direct.probs + mirrored.probs) / 2,
+            (direct.svm + mirrored.svm) / 2 if direct.svm is not None else None,
+            refined,
+        )
     image = image.contiguous(memory_format=torch.channels_last) if channels_last else image
     with _autocast(image.device, precision):
         trunk = model.trunk_features(image) if model.arch.mode == "shared" else None
@@ -127,6 +144,11 @@ def score_regions(
     )
 
 
+def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
+    """Boxes ``(..., 4)`` xyxy of an image ``width`` wide, in the horizontally mirrored image."""
+    return torch.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], dim=-1)
+
+
 def region_probs(
     model: RegionClassifier, image: Tensor, boxes: Tensor, region_batch: int, channels_last: bool = True
 ) -> Tensor:
@@ -141,11 +163,12 @@ def ensemble_scores(
     region_batch: int,
     channels_last: bool,
     precision: str = "fp32",
+    flip: bool = False,
 ) -> RegionScores:
     """The mean over the members of each score (the paper's ensemble averages the softmax), of the
     SVM scores when every member carries SVMs (else the softmax is what the ensemble detects with),
     and of the refined boxes of the members that regress boxes."""
-    scored = [score_regions(m, image, boxes, region_batch, channels_last, precision) for m in models]
+    scored = [score_regions(m, image, boxes, region_batch, channels_last, precision, flip) for m in models]
 
     def mean(parts: list[Tensor | None]) -> Tensor | None:
         present = [p for p in parts if p is not None]
@@ -183,6 +206,7 @@ class InferenceSettings:
     max_per_image: int = 100
     channels_last: bool = True
     precision: str = "fp32"  # autocast of the region forward: fp32, bf16 (fast on this CPU), fp16
+    flip: bool = False  # average with the mirrored image's scores (twice the cost)
     variants: tuple[str, ...] = ("final",)  # keys of VARIANTS to produce from each scoring pass
 
 
@@ -194,7 +218,7 @@ def detect_sample_variants(
     image = sample.image[None].to(device)
     boxes = sample.boxes.to(device)
     scored = ensemble_scores(
-        models, image, boxes, settings.region_batch, settings.channels_last, settings.precision
+        models, image, boxes, settings.region_batch, settings.channels_last, settings.precision, settings.flip
     )
     sx, sy = sample.scale
     to_original = boxes.new_tensor([sx, sy, sx, sy])

@@ -65,13 +65,10 @@ def load_split(
 
 
 def split_proposals(
-    split: DetectionSplit, spec: ProposalSpec, name: str, rebuild_command: str, progress: bool = True
+    split: DetectionSplit, spec: ProposalSpec, name: str, progress: bool = True
 ) -> tuple[list[np.ndarray], dict]:
     """The split's proposal boxes per record (building a missing cache) and the method's settings."""
-    command = rebuild_command.replace("SPLIT", split.split)
-    proposals, method = ensure_proposals(
-        split.dataset.records, spec, name, split.split, rebuild_command=command, progress=progress
-    )
+    proposals, method = ensure_proposals(split.dataset.records, spec, name, split.split, progress=progress)
     counts = [len(b) for b in proposals.boxes]
     empty = sum(c == 0 for c in counts)
     logger.info(

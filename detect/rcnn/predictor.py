@@ -61,6 +61,7 @@ class Predictor:
             test["nms_iou"],
             test["max_per_image"],
             precision=test.get("precision", "fp32"),
+            flip=bool(test.get("flip", False)),
         )
         self.shorter_side = int(self.meta["config"]["data"]["shorter_side"])
 
