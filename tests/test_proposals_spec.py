@@ -40,7 +40,6 @@ from detect.proposals.spec import (
 )
 
 
-
 def small_spec(tmp_path: Path, method: str = "ss", model: Path | None = None, **extra) -> ProposalSpec:
     return ProposalSpec(
         method=method,
@@ -155,9 +154,7 @@ def test_build_proposer_gives_the_cached_boxes_for_ss_multibox_and_union(tmp_pat
     model = tmp_path / "mb.pth"
     make_multibox_file(model, seed=0)
     spec = replace(small_spec(tmp_path, "both", model), workers=2)  # the pool's workers, not in-process
-    proposals, described = ensure_proposals(
-        records, spec, "tiny", "test", progress=False
-    )
+    proposals, described = ensure_proposals(records, spec, "tiny", "test", progress=False)
     plan = plan_caches(spec, "tiny", "test")
     for name, (directory, method) in plan.items():
         cached = proposals if name == "SS fast + MultiBox" else load_cache(records, method, directory)
@@ -213,9 +210,7 @@ def test_ensure_proposals_builds_once_then_reads(tmp_path: Path) -> None:
     spec = small_spec(tmp_path)
     directory, method = configured_method(spec, "tiny", "test")
     assert not directory.exists()
-    first, described = ensure_proposals(
-        records, spec, "tiny", "test", progress=False
-    )
+    first, described = ensure_proposals(records, spec, "tiny", "test", progress=False)
     assert described["kind"] == "selective_search" and "multibox" not in described
     shards = {p: p.stat().st_mtime_ns for p in directory.glob("shard_*.npz")}
     assert len(shards) == 2

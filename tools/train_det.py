@@ -6,10 +6,11 @@
     torchrun --nproc_per_node=2 tools/train_det.py --config ...
 
 Proposals come from the cache tools/propose.py writes (built here, with its progress bar, when
-missing; a stale one is refused with the directory to delete so that the next run rebuilds it). The run directory (default
-``runs/<config stem>``) receives config.yaml, log.txt, metrics.jsonl, curves.png, checkpoint.pt
-(exact resume), model.pt (everything inference needs), and for the validation split
-detections_val.json (COCO results) and eval_val.json / eval_val.txt (per-class AP per metric).
+missing; a stale one is refused, naming the directory to delete so that the next run rebuilds it).
+The run directory (default ``runs/<config stem>``) receives config.yaml, log.txt, metrics.jsonl,
+curves.png, checkpoint.pt (exact resume), model.pt (everything inference needs), and for the
+validation split detections_val.json (COCO results) and eval_val.json / eval_val.txt (per-class AP
+per metric).
 """
 
 from __future__ import annotations
@@ -161,7 +162,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def inference_settings(cfg: TrainDetConfig) -> InferenceSettings:
     t = cfg.test
     return InferenceSettings(
-        t.region_batch, t.score_threshold, t.nms_iou, t.max_per_image, cfg.channels_last, t.precision, flip=t.flip
+        t.region_batch,
+        t.score_threshold,
+        t.nms_iou,
+        t.max_per_image,
+        cfg.channels_last,
+        t.precision,
+        flip=t.flip,
     )
 
 
