@@ -339,8 +339,7 @@ def evaluate_ours(
     if len(records) < len(test.records):
         name += f"_first{len(records)}"  # a cache belongs to one record list
     spec = spec_from_settings(config["proposals"], source=f"{run_dir} proposals")
-    rebuild = f"python tools/propose.py ... (cache {spec.cache_dir}/{name}/{split})"
-    proposals, _ = ensure_proposals(records, spec, name, split, rebuild_command=rebuild)
+    proposals, _ = ensure_proposals(records, spec, name, split)
     t = config["test"]
     settings = InferenceSettings(
         t["region_batch"],
