@@ -117,13 +117,21 @@ def test_tiny_run_learns_and_test_det_reproduces_its_evaluation(
     images.mkdir()
     shutil.copy(record.file_name, images / "scene.jpg")
     (images / "broken.jpg").write_bytes(b"not an image")
+    (images / "sub").mkdir()
+    shutil.copy(record.file_name, images / "sub" / "scene.jpg")  # the same stem twice: two pictures
     code = run(
         detect_images, str(images), "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "det")
     )
     assert code == 1
     found = json.loads((tmp_path / "det" / "detections.json").read_text())
-    assert found and {d["file_name"] for d in found} == {str(images / "scene.jpg")}
-    assert (tmp_path / "det" / "scene.png").is_file()
+    assert found and {d["file_name"] for d in found} == {
+        str(images / "scene.jpg"),
+        str(images / "sub" / "scene.jpg"),
+    }
+    assert (tmp_path / "det" / "scene.png").is_file() and (tmp_path / "det" / "scene_1.png").is_file()
+    if not torch.cuda.is_available():  # a device that is not there: one line, exit 2
+        argv = [str(images), "--checkpoint", str(out / "model.pt"), "--device", "cuda"]
+        assert run_tool(detect_images.main, detect_images.get_args_parser().parse_args(argv)) == 2
 
 
 def train_records(tmp_path: Path):

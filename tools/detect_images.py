@@ -2,11 +2,13 @@
 
     python tools/detect_images.py --checkpoint RUN/model.pt [--checkpoint RUN2/model.pt] IMAGE_OR_FOLDER ...
         [--out runs/detect] [--score-threshold 0.3] [--nms-iou 0.3] [--max-per-image 100]
+        [--device auto|cpu|cuda] [--flip] [--precision fp32|bf16|fp16]
 
 Proposes boxes as the model was trained (selective search, plus MultiBox when the model file names
 one), classifies them and writes ``--out``/<image stem>.png (detections drawn with scores above
-``--draw-threshold``) and ``--out``/detections.json (COCO-style: file_name, bbox [x, y, w, h], category,
-score). Unreadable files are skipped, listed and counted; the exit code is 1 when any were.
+``--draw-threshold``; a repeated stem gets a numbered suffix) and ``--out``/detections.json
+(COCO-style: file_name, bbox [x, y, w, h], category, score). Unreadable files are skipped, listed
+and counted; the exit code is 1 when any were.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import cv2
 from tqdm import tqdm
 
 from backbone.image_io import ImageDecodeError, read_image_rgb
+from backbone.runtime.dist import select_device
 from backbone.runtime.errors import UserError
+from backbone.runtime.files import atomic_write_text
 from backbone.runtime.log import run_tool, setup_logging
 from detect.rcnn.predictor import Predictor
 from detect.visualize import draw_boxes
@@ -43,7 +47,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nms-iou", type=float, default=None)
     parser.add_argument("--max-per-image", type=int, default=None)
     parser.add_argument("--draw-threshold", type=float, default=0.3, help="draw detections scoring above")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any")
+    parser.add_argument(
+        "--flip", action=argparse.BooleanOptionalAction, default=None, help="test-time flip (model's)"
+    )
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="(model's)")
     return parser
+
+
+def output_names(files: list[Path]) -> list[str]:
+    """One picture name per input: its stem, numbered when another input has the same stem."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in files:
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        names.append(path.stem if count == 0 else f"{path.stem}_{count}")
+    return names
 
 
 def image_files(inputs: list[Path]) -> list[Path]:
@@ -60,18 +80,26 @@ def image_files(inputs: list[Path]) -> list[Path]:
 
 def main(args: argparse.Namespace) -> int:
     setup_logging()
+    try:
+        device = select_device(args.device)
+    except RuntimeError as err:
+        raise UserError(f"--device: {err}") from None
     predictor = Predictor(
         args.checkpoint,
+        device,
         score_threshold=args.score_threshold,
         nms_iou=args.nms_iou,
         max_per_image=args.max_per_image,
+        flip=args.flip,
+        precision=args.precision,
     )
     files = image_files(args.inputs)
     args.out.mkdir(parents=True, exist_ok=True)
     names = predictor.class_names
     category_ids = predictor.meta["category_ids"]
     results, skipped = [], []
-    for path in tqdm(files, desc="detect", unit="img", dynamic_ncols=True):
+    bar = tqdm(files, desc="detect", unit="img", dynamic_ncols=True)
+    for path, picture in zip(bar, output_names(files), strict=True):
         try:
             image = read_image_rgb(path)
         except ImageDecodeError as err:
@@ -91,8 +119,8 @@ def main(args: argparse.Namespace) -> int:
             )
         shown = dets["scores"] >= args.draw_threshold
         canvas = draw_boxes(image, dets["boxes"][shown], dets["labels"][shown], names, dets["scores"][shown])
-        cv2.imwrite(str(args.out / f"{path.stem}.png"), canvas[:, :, ::-1])
-    (args.out / "detections.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        cv2.imwrite(str(args.out / f"{picture}.png"), canvas[:, :, ::-1])
+    atomic_write_text(args.out / "detections.json", json.dumps(results, indent=1) + "\n")
     for line in skipped:
         logger.warning("skipped %s", line)
     print(

@@ -29,24 +29,28 @@ class DistInfo:
         return self.rank == 0
 
 
+def select_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """ "auto" (CUDA when available, else CPU), "cpu" or "cuda" as a device (GPU ``local_rank``)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (if any) and choose this process's device.
 
     ``device``: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = select_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)

@@ -130,7 +130,8 @@ class ResumableLoader:
     """A DataLoader over :class:`SeededSamples` with a :class:`ResumableDistributedSampler`.
 
     ``epoch_batches(epoch, start_step)`` yields the batches of ``epoch`` from batch ``start_step``
-    on, identical to the corresponding batches of an uninterrupted epoch.
+    on, identical to the corresponding batches of an uninterrupted epoch. ``pin_memory`` defaults
+    to whether CUDA is present, so that the steps' ``non_blocking`` copies overlap compute.
     """
 
     def __init__(
@@ -143,7 +144,7 @@ class ResumableLoader:
         drop_last: bool = True,
         num_workers: int = 0,
         collate_fn: Callable[[list[Any]], Any] | None = None,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
     ) -> None:
         self.dataset = SeededSamples(dataset, seed)
         self.batch_size = batch_size
@@ -160,7 +161,7 @@ class ResumableLoader:
             sampler=EpochTaggedSampler(self.sampler),
             num_workers=num_workers,
             collate_fn=collate_fn,
-            pin_memory=pin_memory,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
             drop_last=drop_last,
             generator=self.generator,
             worker_init_fn=limit_worker_threads if num_workers > 0 else None,
@@ -203,6 +204,7 @@ def build_eval_loader(
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous copies to the GPU
         generator=torch.Generator(),  # leave the global RNG untouched (exact resume)
         worker_init_fn=limit_worker_threads if num_workers > 0 else None,
         persistent_workers=num_workers > 0,  # evaluated every few epochs: keep its workers

@@ -140,11 +140,10 @@ def multibox_step(
 
     def compute(model: nn.Module, batch: Any) -> StepOutput:
         images, boxes = batch
-        pred_boxes, logits = model(images.to(device, memory_format=memory_format))
+        pred_boxes, logits = model(images.to(device, memory_format=memory_format, non_blocking=True))
         # Matching and loss in fp32, whatever the autocast precision of the forward pass.
-        parts = multibox_loss(
-            pred_boxes.float(), logits.float(), [b.to(device) for b in boxes], alpha, priors
-        )
+        targets = [b.to(device, non_blocking=True) for b in boxes]
+        parts = multibox_loss(pred_boxes.float(), logits.float(), targets, alpha, priors)
         metrics = {"loc": float(parts["loc"].detach()), "conf": float(parts["conf"].detach())}
         return StepOutput(loss=parts["loss"], batch_size=int(images.shape[0]), metrics=metrics)
 
@@ -166,8 +165,8 @@ def evaluate_multibox(
     memory_format = _memory_format(channels_last)
     sums = {"loss": 0.0, "images": 0.0, "boxes": 0.0} | {f"hits@{k}": 0.0 for k in top_ks}
     for images, boxes in loader:
-        pred_boxes, logits = model(images.to(device, memory_format=memory_format))
-        boxes = [b.to(device) for b in boxes]
+        pred_boxes, logits = model(images.to(device, memory_format=memory_format, non_blocking=True))
+        boxes = [b.to(device, non_blocking=True) for b in boxes]
         sums["loss"] += float(multibox_loss(pred_boxes, logits, boxes, alpha, priors)["loss"]) * len(images)
         sums["images"] += len(images)
         for k in top_ks:

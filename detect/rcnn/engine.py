@@ -41,11 +41,12 @@ def rcnn_step(
 
     def compute(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> StepOutput:
         images, rois, labels = batch
-        labels = labels.to(device)
+        labels = labels.to(device, non_blocking=True)
         if len(labels) == 0:  # every image of the batch without regions: a zero step, same graph
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return StepOutput(loss=zero, batch_size=0)
-        out = model(images.to(device, memory_format=memory_format), rois.to(device))
+        images = images.to(device, memory_format=memory_format, non_blocking=True)
+        out = model(images, rois.to(device, non_blocking=True))
         loss = F.cross_entropy(out.logits, labels)
         for aux in (out.aux1, out.aux2):
             if aux is not None and aux_weight:
