@@ -4,6 +4,8 @@
     python tools/convert_dataset.py ../shared/data/raccoon \
         --names-file ../shared/data/raccoon/data/test_labels.csv --out runs/data/raccoon_test.json
     python tools/convert_dataset.py VOCdevkit/VOC2007 --image-set test --out voc07_test.json
+    python tools/convert_dataset.py mydata --image-root mydata/pics --annotations mydata/xml \
+        --classes cat,dog --out runs/data/mydata.json
     python tools/convert_dataset.py ILSVRC --image-set val --synsets ILSVRC/devkit/data/meta_det.mat \
         --out det_val.json
 
@@ -34,9 +36,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--image-set", help="VOC ImageSets/Main set (required for VOC) or ILSVRC list (default val)"
     )
     parser.add_argument("--names-file", help="folder layouts: split list (.csv with 'filename' or .txt)")
-    parser.add_argument("--classes", help="comma-separated class names (default: VOC's 20 / discovered)")
+    parser.add_argument(
+        "--classes",
+        help="VOC / folder layouts: comma-separated class names in label order "
+        "(default: VOC's 20 for a VOC<year> folder, else the names found, sorted)",
+    )
     parser.add_argument("--synsets", help="ILSVRC: meta_det.mat or 'WNID [INDEX] NAME' text mapping")
-    parser.add_argument("--image-root", help="COCO source: folder of its images (default: beside the JSON)")
+    parser.add_argument(
+        "--image-root", help="folder of the images: COCO (default: beside the JSON), folder layouts (found)"
+    )
+    parser.add_argument("--annotations", help="folder layouts: folder of the XML files (default: found)")
     parser.add_argument(
         "--relative-to", help="write file_names relative to this folder (default: common folder)"
     )
@@ -53,6 +62,7 @@ def main(args: argparse.Namespace) -> None:
         image_set=args.image_set,
         class_names=[c.strip() for c in args.classes.split(",")] if args.classes else None,
         image_root=args.image_root,
+        annotations=args.annotations,
         names_file=args.names_file,
         synsets=args.synsets,
         on_error="skip" if args.skip_errors else "raise",

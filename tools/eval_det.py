@@ -53,9 +53,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plots", action="store_true", help="skip the per-class PR curve PNGs")
     parser.add_argument("--image-set", help="VOC ImageSets/Main set or ILSVRC list (default val)")
     parser.add_argument("--names-file", help="folder layouts: split list (.csv with 'filename' or .txt)")
-    parser.add_argument("--classes", help="comma-separated class names (default: VOC's 20 / discovered)")
+    parser.add_argument(
+        "--classes",
+        help="VOC / folder layouts: comma-separated class names in label order "
+        "(default: VOC's 20 for a VOC<year> folder, else the names found, sorted)",
+    )
     parser.add_argument("--synsets", help="ILSVRC: meta_det.mat or 'WNID [INDEX] NAME' text mapping")
-    parser.add_argument("--image-root", help="COCO GT: folder of its images (optional)")
+    parser.add_argument("--image-root", help="folder of the GT images: COCO or folder layouts (optional)")
+    parser.add_argument("--annotations", help="folder layouts: folder of the XML files (default: found)")
     return parser
 
 
@@ -66,6 +71,7 @@ def main(args: argparse.Namespace) -> None:
         image_set=args.image_set,
         class_names=[c.strip() for c in args.classes.split(",")] if args.classes else None,
         image_root=args.image_root,
+        annotations=args.annotations,
         names_file=args.names_file,
         synsets=args.synsets,
         require_images=False,
@@ -79,7 +85,7 @@ def main(args: argparse.Namespace) -> None:
         raise DatasetError(args.dets, f"image id {int(unknown[0])} is not in the ground truth {args.gt}")
     if args.metric == "coco":
         # A COCO file is scored as is (areas, crowd regions); other layouts through their records.
-        gt_coco = load_json(args.gt) if detect_format(args.gt) == "coco" else None
+        gt_coco = load_json(args.gt) if detect_format(args.gt, args.annotations) == "coco" else None
         if gt_coco is None:
             gt_coco = dataset_to_coco(dataset)
         result = evaluate_coco(gt_coco, results, dataset.class_names, dataset.category_ids)

@@ -1,7 +1,8 @@
 """Detect on a data set with one trained detector or an ensemble, write COCO results, print per-class AP.
 
     python tools/test_det.py --checkpoint RUN/model.pt [--checkpoint RUN2/model.pt ...]
-        [--data PATH [--names-file F] [--image-set S] [--name NAME]] [--split test]
+        [--data PATH [--names-file F] [--image-set S] [--image-root DIR] [--annotations DIR]
+         [--classes A,B] [--name NAME]] [--split test]
         [--metrics voc,voc07,coco] [--nms-iou 0.3] [--max-per-image 100] [--flip] [--out DIR]
     torchrun --nproc_per_node=2 tools/test_det.py --checkpoint ...
 
@@ -48,7 +49,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="data set path (COCO json, VOC root, ILSVRC root, image+XML folder)")
     parser.add_argument("--names-file", help="--data folder layouts: split list (.csv or .txt)")
     parser.add_argument("--image-set", help="--data VOC / ILSVRC image set")
-    parser.add_argument("--image-root", help="--data COCO images folder")
+    parser.add_argument("--image-root", help="--data images folder (COCO, or an image+XML folder layout)")
+    parser.add_argument("--annotations", help="--data folder layouts: the XML files' folder (default: found)")
+    parser.add_argument(
+        "--classes", help="--data VOC / folder layouts: comma-separated class names in label order"
+    )
     parser.add_argument("--name", help="proposal cache name for --data (default: the folder or file stem)")
     parser.add_argument(
         "--split", default=None, help="proposal cache split name (default: val, or test with --data)"
@@ -89,12 +94,33 @@ def main(args: argparse.Namespace) -> int:
         cleanup_distributed()
 
 
+DATA_FLAGS = ("names_file", "image_set", "image_root", "annotations", "classes", "name")
+
+
+def spec_from_flags(args: argparse.Namespace) -> DatasetSpec | None:
+    """The ``--data`` entry; None without ``--data``, whose options are then an error, never ignored."""
+    if args.data is None:
+        given = [f"--{flag.replace('_', '-')}" for flag in DATA_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: only used with --data (without it, the model's val split)")
+        return None
+    return DatasetSpec(
+        args.data,
+        names_file=args.names_file,
+        image_set=args.image_set,
+        image_root=args.image_root,
+        annotations=args.annotations,
+        classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else None,
+    )
+
+
 def test(args: argparse.Namespace, device: torch.device) -> int:
+    data_spec = spec_from_flags(args)
     models, meta = load_detectors(args.checkpoint, device, fuse=not args.no_fuse)
     config = meta["config"]
     data, test_cfg = config["data"], dict(config["test"])
-    if args.data is not None:
-        specs = [DatasetSpec(args.data, args.names_file, args.image_set, args.image_root)]
+    if data_spec is not None:
+        specs = [data_spec]
         name = args.name or Path(args.data).stem
         split_name = args.split or "test"
     else:

@@ -29,6 +29,8 @@ from detect.datasets.common import (
 from detect.datasets.records import DetectionDataset, DetectionRecord
 from detect.datasets.voc import parse_voc_xml, record_from_xml
 
+SYNSETS_HINT = "not in the synset mapping; give one that lists them (--synsets meta_det.mat or map_det.txt)"
+
 
 def _det_id_field(names: tuple[str, ...]) -> str:
     for candidate in names:
@@ -146,7 +148,8 @@ def read_ilsvrc_det(
                 width, height, events = 0, 0, [("size_unknown_no_objects", str(image_path))]
             record = DetectionRecord(image_id, str(image_path), width, height)
             return record, [*events, ("negative_image_no_annotation", str(image_path))]
-        return record_from_xml(parse_voc_xml(xml_path), image_path, image_id, class_index, require_images)
+        annotation = parse_voc_xml(xml_path)
+        return record_from_xml(annotation, image_path, image_id, class_index, require_images, SYNSETS_HINT)
 
     report = LoadReport(name=f"ILSVRC DET {image_set or split}")
     records = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from backbone.runtime.paths import resolve_data_path
 from detect.datasets import open_detection_dataset
@@ -14,10 +15,25 @@ from detect.datasets.records import DetectionDataset
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """One data set entry of a config; an option its layout does not use is an error when opened."""
+
     path: str  # COCO json, VOC root, ILSVRC root or image+XML folder; "$SHARED_DATA/..." is expanded
     names_file: str | None = None  # split list for a folder (csv with 'filename', or txt)
     image_set: str | None = None  # VOC / ILSVRC image set
-    image_root: str | None = None  # COCO images (default: beside the json)
+    image_root: str | None = None  # folder of the images: COCO (default: beside the json) or folder layout
+    annotations: str | None = None  # folder layout: folder of the XML files (default: found by content)
+    # Class names in label order (VOC layout, folder); default: VOC's 20 for a VOC year folder, else
+    # the names found in the annotations, sorted.
+    classes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # Entries rebuilt from a checkpoint's plain config dict carry lists: keep the spec hashable.
+        if isinstance(self.classes, list):
+            object.__setattr__(self, "classes", tuple(self.classes))
+
+
+def _data_path(value: str | None) -> Path | None:
+    return resolve_data_path(value) if value else None
 
 
 def open_dataset_spec(spec: DatasetSpec) -> tuple[DetectionDataset, LoadReport]:
@@ -25,8 +41,10 @@ def open_dataset_spec(spec: DatasetSpec) -> tuple[DetectionDataset, LoadReport]:
     return open_detection_dataset(
         resolve_data_path(spec.path),
         image_set=spec.image_set,
-        image_root=resolve_data_path(spec.image_root) if spec.image_root else None,
-        names_file=resolve_data_path(spec.names_file) if spec.names_file else None,
+        class_names=list(spec.classes) if spec.classes is not None else None,
+        image_root=_data_path(spec.image_root),
+        names_file=_data_path(spec.names_file),
+        annotations=_data_path(spec.annotations),
     )
 
 
@@ -50,7 +68,7 @@ def open_dataset_specs(specs: tuple[DatasetSpec, ...], name: str = "") -> tuple[
         if dataset.class_names != first.class_names:
             raise ValueError(
                 f"{spec.path}: classes {dataset.class_names} differ from "
-                f"{specs[0].path}'s {first.class_names}"
+                f"{specs[0].path}'s {first.class_names}; set the same `classes` on every entry"
             )
     records = [r for d in datasets for r in d.records]
     if len({r.image_id for r in records}) < len(records):

@@ -11,6 +11,7 @@ With ``require_images=False`` the image files may be absent: sizes then come fro
 from __future__ import annotations
 
 import csv
+import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ from detect.datasets.common import (
     resolve_inside,
 )
 from detect.datasets.records import DetectionDataset, DetectionRecord
+
+logger = logging.getLogger(__name__)
+
+# How to name classes an annotation uses but the class list lacks (config key and flag).
+CLASSES_HINT = "not in the classes given; list every class in `classes` (--classes) or leave it unset"
+VOC_CLASSES_HINT = "not among VOC's 20 classes; set `classes` (--classes) to this data set's class names"
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -101,16 +108,18 @@ def record_from_xml(
     image_id: int,
     class_index: dict[str, int],
     require_images: bool = True,
+    unknown_hint: str = CLASSES_HINT,
 ) -> tuple[DetectionRecord, list[tuple[str, str]]]:
     """Build a record: real image size (the annotated one for an absent file when not
-    ``require_images``), VOC boxes to continuous coordinates, repaired boxes."""
+    ``require_images``), VOC boxes to continuous coordinates, repaired boxes. A name outside
+    ``class_index`` is an error ending in ``unknown_hint`` (how to name it)."""
     source = str(annotation.path)
     width, height, events = image_size(
         image_path, annotation.size, source, require_images, needed=len(annotation.names) > 0
     )
     unknown = sorted({n for n in annotation.names if n not in class_index})
     if unknown:
-        raise DatasetError(source, f"unknown class name(s) {', '.join(map(repr, unknown))}")
+        raise DatasetError(source, f"unknown class name(s) {', '.join(map(repr, unknown))}: {unknown_hint}")
     # 1-based inclusive indices -> continuous: x1 = xmin - 1, x2 = xmax (the devkit's +1 width).
     continuous = annotation.boxes - np.array([1.0, 1.0, 0.0, 0.0])
     boxes, keep, box_events = repair_boxes(continuous, width, height, source)
@@ -141,8 +150,17 @@ def _collect(
             report.add("skipped", f"{error.path}: {error.problem}")
         else:
             parsed.append((item, annotation))
+    hint = CLASSES_HINT
     if class_names is None:
         class_names = sorted({n for _, a in parsed for n in a.names})
+        logger.info(
+            "%s: %d classes found in the annotations, in sorted order (set `classes` to choose them): %s",
+            report.name,
+            len(class_names),
+            ", ".join(class_names),
+        )
+    elif tuple(class_names) == VOC_CLASSES:
+        hint = VOC_CLASSES_HINT
     class_index = {name: i for i, name in enumerate(class_names)}
 
     def build(entry: tuple[tuple[int, Path, Path | None], XmlAnnotation]) -> tuple[DetectionRecord, list]:
@@ -150,7 +168,7 @@ def _collect(
         if image_path is None:
             assert image_lookup is not None, "items without an image path need an image_lookup"
             image_path = image_lookup(annotation)
-        return record_from_xml(annotation, image_path, image_id, class_index, require_images)
+        return record_from_xml(annotation, image_path, image_id, class_index, require_images, hint)
 
     records = []
     for _, built, error in map_items(build, parsed, workers, on_error):
@@ -175,13 +193,14 @@ def _read_lines(path: Path) -> list[str]:
 def read_voc(
     root: str | Path,
     image_set: str,
-    class_names: list[str] | tuple[str, ...] = VOC_CLASSES,
+    class_names: list[str] | tuple[str, ...] | None = VOC_CLASSES,
     on_error: OnError = "raise",
     workers: int | None = None,
     require_images: bool = True,
 ) -> tuple[DetectionDataset, LoadReport]:
     """Read a VOC devkit year directory (``.../VOC2007``) for ``ImageSets/Main/<image_set>.txt``
-    (``JPEGImages/`` may be absent when not ``require_images``)."""
+    (``JPEGImages/`` may be absent when not ``require_images``). ``class_names=None``: the names
+    found in the annotations, sorted (a set in VOC's layout with its own classes)."""
     root = Path(root)
     list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
     names = [line.split()[0] for line in _read_lines(list_file) if line.strip()]
@@ -195,8 +214,9 @@ def read_voc(
         for i, name in enumerate(names)
     ]
     report = LoadReport(name=f"{root.name}/{image_set}")
+    names_in = list(class_names) if class_names is not None else None
     records, names_out = _collect(
-        items, list(class_names), on_error, workers or default_workers(), report, None, require_images
+        items, names_in, on_error, workers or default_workers(), report, None, require_images
     )
     return DetectionDataset(records, names_out, list(range(1, len(names_out) + 1)), report.name), report
 
