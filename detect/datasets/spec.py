@@ -41,7 +41,7 @@ def open_dataset_spec(spec: DatasetSpec) -> tuple[DetectionDataset, LoadReport]:
     return open_detection_dataset(
         resolve_data_path(spec.path),
         image_set=spec.image_set,
-        class_names=list(spec.classes) if spec.classes is not None else None,
+        class_names=spec.classes,
         image_root=_data_path(spec.image_root),
         names_file=_data_path(spec.names_file),
         annotations=_data_path(spec.annotations),

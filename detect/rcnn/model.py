@@ -22,6 +22,7 @@ from torchvision.ops import roi_align
 
 from backbone.googlenet import AUX_AFTER, GoogLeNet, GoogLeNetOutputs
 from backbone.inference import fuse_for_inference
+from backbone.runtime.checkpoint import unwrap_model
 from backbone.weights import atomic_torch_save, read_weights_file
 from detect.rcnn.box_regression import BoxRegressor
 from detect.rcnn.regions import context_boxes, warp_regions
@@ -139,7 +140,7 @@ class RegionClassifier(nn.Module):
 def inference_copy(model: RegionClassifier, channels_last: bool = True) -> RegionClassifier:
     """An eval-mode copy of ``model`` (DDP-unwrapped) with BatchNorm folded (``fuse_for_inference``)
     and its extras kept; the original is left untouched."""
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     fused = RegionClassifier(fuse_for_inference(model.backbone, channels_last=channels_last), model.arch)
     fused.box_regressor, fused.svms = model.box_regressor, model.svms
     return fused.eval()
