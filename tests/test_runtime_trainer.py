@@ -17,7 +17,7 @@ from backbone.runtime.errors import UserError
 from backbone.runtime.loader import ResumableLoader
 from backbone.runtime.log import read_metrics
 from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
-from backbone.runtime.trainer import StepOutput, fit
+from backbone.runtime.trainer import NonFiniteLoss, StepOutput, fit
 
 
 class Blobs(Dataset):
@@ -39,8 +39,8 @@ def make_parts(seed: int = 0):
     return model, loader, optimizer, scheduler, ModelEma(model, decay=0.9)
 
 
-def run(run_dir, resume=False, kill_at_step=None):
-    model, loader, optimizer, scheduler, ema = make_parts()
+def run(run_dir, resume=False, kill_at_step=None, nan_at_step=None, parts=None):
+    model, loader, optimizer, scheduler, ema = parts or make_parts()
     calls = {"n": 0}
 
     def compute_loss(net: nn.Module, batch) -> StepOutput:
@@ -49,7 +49,9 @@ def run(run_dir, resume=False, kill_at_step=None):
             os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step, as from a scheduler
         x, y = batch
         loss = nn.functional.cross_entropy(net(x), y)
-        return StepOutput(loss=loss, batch_size=len(y))
+        if calls["n"] == nan_at_step:
+            loss = loss * float("nan")
+        return StepOutput(loss=loss, batch_size=len(y), metrics={"cls": float(loss.detach())})
 
     result = fit(
         model=model,
@@ -90,3 +92,24 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path):
 def test_resume_without_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no checkpoint to resume from"):
         run(tmp_path / "empty", resume=True)
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path):
+    parts = make_parts()
+    model, ema = parts[0], parts[4]
+    with pytest.raises(NonFiniteLoss) as caught:
+        run(tmp_path / "nan", nan_at_step=8, parts=parts)  # 5 steps per epoch: epoch 2, batch 3
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "loss nan, cls nan" in message and "epoch 2/3, batch 3 of 5 (global step 8" in message
+    assert f"last good checkpoint {tmp_path / 'nan' / 'checkpoint.pt'} is kept" in message
+    ckpt = load_checkpoint(tmp_path / "nan" / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["global_step"]) == (1, 0, 5)
+    for name, value in [*model.state_dict().items(), *ema.module.state_dict().items()]:
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), name  # the bad batch never reached the weights
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
+    with pytest.raises(NonFiniteLoss, match="batch 2 of 5 .*no checkpoint was written yet"):
+        run(tmp_path / "early", nan_at_step=2)

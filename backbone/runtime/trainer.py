@@ -11,9 +11,11 @@ bit for bit (on CPU with deterministic algorithms and a fixed thread count).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +40,10 @@ from backbone.runtime.precision import MixedPrecision
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class NonFiniteLoss(UserError):
+    """A batch gave a NaN or infinite loss: the run stops before the update reaches the weights."""
 
 
 @dataclass
@@ -116,6 +122,13 @@ def train_epoch(
         loaded = time.perf_counter()
         with precision.autocast():
             out = compute_loss(model, batch)
+        # Checked before backward so a bad batch never reaches the weights, the EMA or a checkpoint.
+        loss_value = float(out.loss.detach())
+        if any_rank(not math.isfinite(loss_value)):
+            raise NonFiniteLoss(
+                f"non-finite loss ({_describe_loss(loss_value, out.metrics)}) at {desc}, batch "
+                f"{step + 1} of {steps_per_epoch} (global step {global_step + 1}, on this or another rank)"
+            )
         optimizer.zero_grad(set_to_none=True)
         precision.backward_and_step(out.loss, optimizer, model.parameters(), grad_clip_norm)
         lr = optimizer.param_groups[0]["lr"]
@@ -129,7 +142,7 @@ def train_epoch(
         data_seconds += loaded - tick
         step_seconds += done - loaded
 
-        values = {"loss": float(out.loss.detach()), **out.metrics}
+        values = {"loss": loss_value, **out.metrics}
         for acc in (sums, interval):
             acc["count"] = acc.get("count", 0.0) + out.batch_size
             for key, value in values.items():
@@ -158,6 +171,11 @@ def train_epoch(
         tick = time.perf_counter()
     progress.close()
     return EpochOutcome(step, global_step, sums, stopped, images, data_seconds, step_seconds)
+
+
+def _describe_loss(loss: float, metrics: Mapping[str, float]) -> str:
+    parts = [f"loss {loss:.4g}"] + [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)]
+    return ", ".join(parts)
 
 
 def training_checkpoint(
@@ -312,7 +330,7 @@ def fit(
                 save_checkpoint(run_dir / f"checkpoint_epoch{epoch:03d}.pt", state)
         barrier()
 
-    with StopRequest() as stop:
+    with StopRequest() as stop, _name_last_checkpoint(ckpt_path):
         for epoch in range(start_epoch, epochs):
             started = time.perf_counter()
             outcome = train_epoch(
@@ -378,6 +396,19 @@ def fit(
         eval_model = ema.module if ema is not None else unwrap_model(model)
         last = {f"val_{k}": v for k, v in evaluate(eval_model).items()}
     return FitResult(max(epochs, start_epoch), global_step, False, None, last)
+
+
+@contextlib.contextmanager
+def _name_last_checkpoint(ckpt_path: Path) -> Iterator[None]:
+    """Add to a NonFiniteLoss message where the last good state is and how to continue from it."""
+    try:
+        yield
+    except NonFiniteLoss as exc:
+        if ckpt_path.is_file():
+            where = f"the last good checkpoint {ckpt_path} is kept (lower the learning rate, then --resume)"
+        else:
+            where = "no checkpoint was written yet (lower the learning rate and start again)"
+        raise NonFiniteLoss(f"{exc}; {where}") from None
 
 
 def _summary(record: Mapping[str, Any]) -> str:
