@@ -74,7 +74,7 @@ def test_overrides_are_typed_by_yaml(tmp_path):
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
-        ("optim.lrr=1", "unknown key 'optim.lrr'"),
+        ("optim.lrr=1", "unknown key 'optim.lrr', did you mean 'lr'?"),
         ("nope.lr=1", "unknown key 'nope'"),
         ("optim.lr=abc", "optim.lr expects a number"),
         ("optim.epochs=1.5", "optim.epochs expects an integer"),
@@ -89,6 +89,14 @@ def test_bad_override_is_one_line_error(tmp_path, override, fragment):
         load_config(write(tmp_path, ""), Schema, [override])
     assert fragment in str(info.value)
     assert f"--set {override}" in str(info.value) or "expected KEY=VALUE" in str(info.value)
+
+
+def test_unknown_key_in_a_file_suggests_the_close_one_only_when_there_is_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp.yaml: unknown key 'optim.epoch', did you mean 'epochs'\?"):
+        load_config(write(tmp_path, "optim: {epoch: 2}\n"), Schema)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "zzz: 1\n"), Schema)
+    assert "did you mean" not in str(info.value) and "unknown key 'zzz'" in str(info.value)
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

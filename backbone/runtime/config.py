@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,7 +80,7 @@ def set_by_dotted_key(raw: dict[str, Any], key: str, value: Any, schema: type, s
         if part not in field_types:
             section = ".".join(parts[:depth]) or "top level"
             raise ConfigError(
-                f"{source}: unknown key {'.'.join(parts[: depth + 1])!r} "
+                f"{source}: unknown key {'.'.join(parts[: depth + 1])!r}{_did_you_mean(part, field_types)} "
                 f"(known in {section}: {', '.join(sorted(field_types))})"
             )
         if depth == len(parts) - 1:
@@ -133,6 +134,11 @@ def _field_types(schema: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
 
 
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f", did you mean {close[0]!r}?" if close else ""
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -145,7 +151,7 @@ def _build(schema: type[T], raw: Any, prefix: str, source: str, origins: Mapping
     for key in raw:
         if key not in field_types:
             raise ConfigError(
-                f"{source}: unknown key {prefix + str(key)!r} "
+                f"{source}: unknown key {prefix + str(key)!r}{_did_you_mean(str(key), field_types)} "
                 f"(known in {where}: {', '.join(sorted(field_types))})"
             )
     values: dict[str, Any] = {}
