@@ -168,4 +168,5 @@ def open_detection_dataset(
     names = read_name_list(names_file) if names_file is not None else None
     layout = resolve_folder_layout(path, image_root, annotations, require_images)
     options = {"on_error": on_error, "name": path.name, "require_images": require_images}
+    options["names_source"] = names_file
     return read_xml_folder(layout.images, layout.annotations, names, class_names, **options)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,22 @@ def load_json(path: str | Path) -> Any:
         raise DatasetError(path, "file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(path, f"malformed JSON ({err})") from None
+    except RecursionError:  # "[[[[..." deeper than the parser's stack
+        raise DatasetError(path, "malformed JSON (nested too deeply)") from None
+    except OSError as err:  # a directory, no permission
+        raise DatasetError(path, f"cannot read ({err.strerror or err})") from None
+
+
+def _unique_integers(values: list, what: str, path: Path) -> None:
+    """Ids must be distinct integers: pycocotools indexes by id, so a repeat silently overwrites."""
+    odd = next((v for v in values if not isinstance(v, int)), None)
+    if odd is not None:
+        raise DatasetError(path, f"malformed COCO JSON: {what} ids must be unique integers (got {odd!r})")
+    repeated = next((v for v, n in Counter(values).items() if n > 1), None)
+    if repeated is not None:
+        raise DatasetError(
+            path, f"malformed COCO JSON: {what} ids must be unique integers (id {repeated} twice)"
+        )
 
 
 def _check_coco_structure(data: Any, path: Path) -> None:
@@ -59,14 +77,24 @@ def _check_coco_structure(data: Any, path: Path) -> None:
                 raise DatasetError(
                     path, f"malformed COCO JSON: {key}[{index}] lacks one of {', '.join(fields)}"
                 )
-    ids = [image["id"] for image in data["images"]]
-    if len(set(map(str, ids))) != len(ids) or not all(isinstance(i, int) for i in ids):
-        raise DatasetError(path, "malformed COCO JSON: image ids must be unique integers")
+    _unique_integers([image["id"] for image in data["images"]], "image", path)
+    _unique_integers([category["id"] for category in data["categories"]], "category", path)
+    names = Counter(str(category["name"]) for category in data["categories"])
+    repeated = next((name for name, n in names.items() if n > 1), None)
+    if repeated is not None:  # metrics are reported per class name
+        raise DatasetError(path, f"malformed COCO JSON: category name {repeated!r} is used twice")
     for index, image in enumerate(data["images"]):
         for key in ("width", "height"):
             if key in image and not isinstance(image[key], (int, float)):
                 raise DatasetError(path, f"malformed COCO JSON: images[{index}].{key} is not a number")
+            if key in image and not math.isfinite(image[key]):  # JSON's NaN / Infinity
+                raise DatasetError(path, f"malformed COCO JSON: images[{index}].{key} is not a finite number")
     for index, ann in enumerate(data["annotations"]):
+        for key in ("image_id", "category_id"):  # pycocotools indexes by them: "1" would match nothing
+            if not isinstance(ann[key], int):
+                raise DatasetError(
+                    path, f"malformed COCO JSON: annotations[{index}].{key} is {ann[key]!r}, not an integer"
+                )
         bbox = ann["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
             raise DatasetError(path, f"malformed COCO JSON: annotations[{index}].bbox is not 4 numbers")

@@ -42,6 +42,7 @@ REPORT_KINDS: dict[str, str] = {
     "box_inverted_dropped": "inverted boxes dropped (x2 < x1 or y2 < y1)",
     "box_zero_area_dropped": "zero-area boxes dropped",
     "box_outside_dropped": "boxes entirely outside the image dropped",
+    "box_one_pixel_kept": "XML boxes with xmin == xmax or ymin == ymax kept 1 pixel wide (devkit's +1 rule)",
     "size_zero_fixed": "annotated size 0x0 replaced by the image's real size",
     "size_missing_fixed": "annotated size missing, taken from the image",
     "size_mismatch_fixed": "annotated size disagreeing with the image replaced by the real size",
@@ -54,6 +55,7 @@ REPORT_KINDS: dict[str, str] = {
     "image_without_annotation_ignored": "images in the folder without an annotation file (not loaded)",
     "difficult_kept": "difficult objects kept (flagged)",
     "crowd_as_difficult": "COCO iscrowd annotations kept as difficult",
+    "duplicate_listed_skipped": "names listed more than once in a split list (repeats skipped)",
     "skipped": "files skipped on error",
 }
 
@@ -159,6 +161,20 @@ def read_image_info(path: Path) -> ImageInfo:
     if width <= 0 or height <= 0:
         raise DatasetError(path, f"image has no pixels ({width}x{height})")
     return ImageInfo(int(width), int(height), tuple(events))
+
+
+def first_listed(keys: Iterable[object], list_file: str | Path, report: LoadReport) -> list[int]:
+    """Positions of each key's first occurrence; every repeat is reported against ``list_file``
+    (an image listed twice would count its objects twice in the metrics)."""
+    seen: set[object] = set()
+    kept = []
+    for position, key in enumerate(keys):
+        if key in seen:
+            report.add("duplicate_listed_skipped", list_file)
+        else:
+            seen.add(key)
+            kept.append(position)
+    return kept
 
 
 def find_image(image_dir: Path, stem: str, source: str | Path) -> Path | None:

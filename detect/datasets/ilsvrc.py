@@ -22,6 +22,7 @@ from detect.datasets.common import (
     LoadReport,
     OnError,
     default_workers,
+    first_listed,
     map_items,
     read_image_info,
     resolve_inside,
@@ -94,6 +95,25 @@ def read_image_set(path: Path) -> list[tuple[str, int | None]]:
     return entries
 
 
+def _numbers_are_image_ids(entries: list[tuple[str, int | None]], list_file: Path) -> bool:
+    """Whether the second column holds image indices (distinct positive) rather than +1/-1 flags.
+
+    All positive with one above 1 can only be an index list, so a repeated index there is an error:
+    falling back to positions would silently score detections against the wrong images.
+    """
+    numbers = [n for _, n in entries]
+    if not all(n is not None and n > 0 for n in numbers):
+        return False
+    first_name: dict[int | None, str] = {}
+    for name, number in entries:
+        if number in first_name and any(n != 1 for n in numbers):
+            raise DatasetError(
+                list_file, f"image index {number} is listed twice ({first_name[number]} and {name})"
+            )
+        first_name.setdefault(number, name)
+    return len(first_name) == len(numbers)
+
+
 def read_ilsvrc_det(
     root: str | Path,
     split: str = "val",
@@ -125,9 +145,10 @@ def read_ilsvrc_det(
     mapping = read_synset_mapping(synsets) if isinstance(synsets, (str, Path)) else list(synsets)
     class_index = {wnid: i for i, (wnid, _) in enumerate(mapping)}
     list_file = root / "ImageSets" / "DET" / f"{image_set or split}.txt"
+    report = LoadReport(name=f"ILSVRC DET {image_set or split}")
     entries = read_image_set(list_file)
-    numbers = [n for _, n in entries]
-    use_numbers = all(n is not None and n > 0 for n in numbers) and len(set(numbers)) == len(numbers)
+    entries = [entries[i] for i in first_listed([name for name, _ in entries], list_file, report)]
+    use_numbers = _numbers_are_image_ids(entries, list_file)
     data_dir, ann_dir = root / "Data" / "DET" / split, root / "Annotations" / "DET" / split
     items = [
         (
@@ -151,7 +172,6 @@ def read_ilsvrc_det(
         annotation = parse_voc_xml(xml_path)
         return record_from_xml(annotation, image_path, image_id, class_index, require_images, SYNSETS_HINT)
 
-    report = LoadReport(name=f"ILSVRC DET {image_set or split}")
     records = []
     for _, built, error in map_items(build, items, workers or default_workers(), on_error):
         if error is not None:

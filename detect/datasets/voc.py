@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from detect.datasets.common import (
     OnError,
     default_workers,
     find_image,
+    first_listed,
     image_size,
     map_items,
     repair_boxes,
@@ -61,9 +63,12 @@ class XmlAnnotation:
 def _number(element: ET.Element, tag: str, path: Path) -> float:
     text = element.findtext(tag)
     try:
-        return float(text)  # type: ignore[arg-type]
+        value = float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise DatasetError(path, f"malformed XML: <{tag}> is {text!r}, not a number") from None
+    if not math.isfinite(value):  # float() accepts 'nan' and 'inf'; no size, box or flag can be one
+        raise DatasetError(path, f"malformed XML: <{tag}> is {text!r}, not a finite number")
+    return value
 
 
 def parse_voc_xml(path: str | Path) -> XmlAnnotation:
@@ -75,6 +80,8 @@ def parse_voc_xml(path: str | Path) -> XmlAnnotation:
         raise DatasetError(path, "annotation file not found") from None
     except ET.ParseError as err:
         raise DatasetError(path, f"malformed XML ({err})") from None
+    except OSError as err:  # a directory named *.xml, no permission
+        raise DatasetError(path, f"cannot read annotation file ({err.strerror or err})") from None
     if root.tag != "annotation":
         raise DatasetError(path, f"malformed XML: root element is <{root.tag}>, expected <annotation>")
     size_el = root.find("size")
@@ -124,6 +131,9 @@ def record_from_xml(
     continuous = annotation.boxes - np.array([1.0, 1.0, 0.0, 0.0])
     boxes, keep, box_events = repair_boxes(continuous, width, height, source)
     events += box_events
+    kept = annotation.boxes[keep]
+    points = (kept[:, 0] == kept[:, 2]) | (kept[:, 1] == kept[:, 3])  # legal, but often a labelling slip
+    events += [("box_one_pixel_kept", source)] * int(points.sum())
     labels = np.asarray([class_index[annotation.names[i]] for i in keep], np.int64)
     difficult = annotation.difficult[keep]
     if len(keep) == 0:
@@ -203,7 +213,9 @@ def read_voc(
     found in the annotations, sorted (a set in VOC's layout with its own classes)."""
     root = Path(root)
     list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
+    report = LoadReport(name=f"{root.name}/{image_set}")
     names = [line.split()[0] for line in _read_lines(list_file) if line.strip()]
+    names = [names[i] for i in first_listed(names, list_file, report)]
     image_dir = root / "JPEGImages"
     items = [
         (
@@ -213,7 +225,6 @@ def read_voc(
         )
         for i, name in enumerate(names)
     ]
-    report = LoadReport(name=f"{root.name}/{image_set}")
     names_in = list(class_names) if class_names is not None else None
     records, names_out = _collect(
         items, names_in, on_error, workers or default_workers(), report, None, require_images
@@ -242,10 +253,12 @@ def read_xml_folder(
     workers: int | None = None,
     name: str = "",
     require_images: bool = True,
+    names_source: str | Path | None = None,
 ) -> tuple[DetectionDataset, LoadReport]:
     """Read images with one VOC XML each.
 
-    ``names``: image file names or stems to read (in this order); default: every ``*.xml`` in
+    ``names``: image file names or stems to read (in this order; a repeat of an image is skipped
+    and reported against ``names_source``, the list file); default: every ``*.xml`` in
     ``xml_dir`` (sorted). The image for ``STEM.xml`` is ``image_dir/STEM.<ext>`` (any common
     extension), else the XML's ``<filename>``; names never resolve outside ``image_dir``.
     ``class_names``: default the sorted set of names found (an unknown name is then impossible).
@@ -258,6 +271,7 @@ def read_xml_folder(
         raise DatasetError(image_dir, "image directory not found")
     if not xml_dir.is_dir():
         raise DatasetError(xml_dir, "annotation directory not found")
+    report = LoadReport(name=name or image_dir.name)
     items: list[tuple[int, Path, Path | None]] = []
     if names is None:
         xml_files = sorted(xml_dir.glob("*.xml"))
@@ -270,6 +284,8 @@ def read_xml_folder(
             image_path = resolve_inside(image_dir, entry, image_dir) if is_file_name else None
             stem = entry[: -len(Path(entry).suffix)] if is_file_name else entry
             items.append((i + 1, resolve_inside(xml_dir, f"{stem}.xml", xml_dir), image_path))
+        kept = first_listed([xml_path for _, xml_path, _ in items], names_source or xml_dir, report)
+        items = [(n + 1, items[i][1], items[i][2]) for n, i in enumerate(kept)]  # ids stay 1..N
 
     def lookup(annotation: XmlAnnotation) -> Path:
         found = find_image(image_dir, annotation.path.stem, annotation.path)
@@ -281,7 +297,6 @@ def read_xml_folder(
             raise DatasetError(annotation.path, f"image for this annotation not found in {image_dir}")
         return found
 
-    report = LoadReport(name=name or image_dir.name)
     if names is None and image_dir.is_dir():  # report images without XML: not part of the data set
         stems = {path.stem for _, path, _ in items}
         for path in sorted(image_dir.iterdir()):

@@ -141,10 +141,21 @@ def detections_from_coco_results(
     try:
         image_ids = np.asarray([int(r["image_id"]) for r in results], np.int64)
         categories = [int(r["category_id"]) for r in results]
-        xywh = np.asarray([r["bbox"] for r in results], np.float64).reshape(-1, 4)
+        bboxes = [r["bbox"] for r in results]
         scores = np.asarray([float(r["score"]) for r in results], np.float64)
+        odd = next((i for i, b in enumerate(bboxes) if not isinstance(b, (list, tuple)) or len(b) != 4), None)
+        xywh = np.asarray(bboxes if odd is None else [], np.float64).reshape(-1, 4)
     except (KeyError, TypeError, ValueError) as err:
         raise DatasetError(source, f"malformed COCO results entry ({type(err).__name__}: {err})") from None
+    if odd is not None:  # reshape(-1, 4) would have turned 8 numbers into two boxes
+        raise DatasetError(source, f"entry {odd}: bbox is not 4 numbers [x, y, width, height]")
+    negative = np.flatnonzero((xywh[:, 2] < 0) | (xywh[:, 3] < 0))
+    if negative.size:  # inverted boxes give meaningless IoUs; a zero size is fine (overlaps nothing)
+        first = int(negative[0])
+        more = f" ({negative.size} entries in all)" if negative.size > 1 else ""
+        raise DatasetError(
+            source, f"entry {first}: bbox {bboxes[first]} has a negative width or height{more}"
+        )
     unknown = sorted(set(categories) - set(label_of))
     if unknown:
         raise DatasetError(
