@@ -16,7 +16,7 @@ from backbone.runtime.config import ConfigError, config_from_dict
 from backbone.runtime.errors import UserError
 from detect.datasets import VOC_CLASSES, DatasetError, is_voc_year_folder, open_detection_dataset
 from detect.datasets.coco import write_coco_json
-from detect.datasets.spec import DatasetSpec, open_dataset_spec
+from detect.datasets.spec import DatasetSpec, open_dataset_spec, open_dataset_specs
 
 convert_dataset = load_tool("convert_dataset")
 test_det = load_tool("test_det")
@@ -190,6 +190,14 @@ def test_a_name_missing_from_the_classes_is_one_line_error(tmp_path: Path) -> No
     message = one_line(error)
     assert message.startswith(f"{root / 'annots' / 'a2.xml'}: unknown class name(s) 'aardvark'")
     assert "`classes` (--classes)" in message
+
+
+def test_entries_of_one_split_with_other_classes_is_one_line_error(tmp_path: Path) -> None:
+    first = make_set(tmp_path / "first")
+    second = make_set(tmp_path / "second", objects={"d4": [("okapi", 2, 2, 20, 20)]})
+    with pytest.raises(DatasetError) as error:
+        open_dataset_specs((DatasetSpec(str(first)), DatasetSpec(str(second))))
+    assert one_line(error).startswith(f"{second}: classes ['okapi'] differ from {first}'s")
 
 
 def test_a_real_voc_year_folder_keeps_voc_20_classes(tmp_path: Path) -> None:

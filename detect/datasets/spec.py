@@ -9,7 +9,7 @@ from pathlib import Path
 
 from backbone.runtime.paths import resolve_data_path
 from detect.datasets import open_detection_dataset
-from detect.datasets.common import LoadReport
+from detect.datasets.common import DatasetError, LoadReport
 from detect.datasets.records import DetectionDataset
 
 
@@ -66,9 +66,10 @@ def open_dataset_specs(specs: tuple[DatasetSpec, ...], name: str = "") -> tuple[
     first = datasets[0]
     for spec, dataset in zip(specs[1:], datasets[1:], strict=True):
         if dataset.class_names != first.class_names:
-            raise ValueError(
-                f"{spec.path}: classes {dataset.class_names} differ from "
-                f"{specs[0].path}'s {first.class_names}; set the same `classes` on every entry"
+            raise DatasetError(
+                spec.path,
+                f"classes {dataset.class_names} differ from {specs[0].path}'s {first.class_names}; "
+                "set the same `classes` on every entry",
             )
     records = [r for d in datasets for r in d.records]
     if len({r.image_id for r in records}) < len(records):
