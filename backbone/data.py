@@ -9,7 +9,7 @@ API (what ``tools/train_cls.py`` and ``tools/eval_cls.py`` call)::
         val_fraction=0.2,        # held-out share per class when the split is derived
         seed=0,                  # split seed (and synthetic data seed)
         augment_seed=None,       # seed of the per-sample augmentation draws (default: seed)
-        strict=False,            # True: the first undecodable file raises CorruptImageError (one line)
+        on_bad_image="skip",     # "error": the first bad image raises BadImageError (one line)
         cache=False,             # True: decode every image once, shorter side ~1.15 x image_size, in RAM
         dedupe=True,             # byte-identical files: drop those under two labels, keep one copy otherwise
         val_labels=None,         # label file for a flat val folder (found automatically if None)
@@ -32,13 +32,16 @@ Layouts under ``root``:
 ``split="auto"`` picks the given split when there is one, else the stratified split; "folders"
 requires it; "stratified" always splits the training folders and ignores any ``val``.
 
-Decoding goes through ``backbone.image_io.read_image_rgb`` (any format behind any extension). A
-corrupt, truncated or empty file is skipped: the sample is replaced by the next decodable one and
-its path logged with a running count (``dataset.skipped`` in that process); with ``cache=True``
-bad files are found while caching and removed up front, counted in the log. Under ``strict`` the
-first bad file raises ``CorruptImageError`` whose message stays one line even when raised inside a
-DataLoader worker. Checkpoints should record ``image_size``, ``class_names`` and the data settings
-in their meta so ``tools/eval_cls.py`` can rebuild the same validation set.
+Decoding follows ``backbone.bad_images`` (any format behind any extension; ``on_bad_image``). A
+truncated JPEG is decoded as far as its data goes; a corrupt, empty or oversized file is skipped:
+the sample is replaced by the next decodable one and its path logged with a running count
+(``dataset.skipped`` in that process); with ``cache=True`` bad files are found while caching and
+removed up front, with one summary in the log. Under ``on_bad_image="error"`` the first bad file
+raises ``BadImageError`` (alias ``CorruptImageError``) whose message stays one line even when
+raised inside a DataLoader worker. An image file that is a symlink leading outside ``root`` is
+refused with one line (``DatasetError``) before anything is decoded. Checkpoints should record
+``image_size``, ``class_names`` and the data settings in their meta so ``tools/eval_cls.py`` can
+rebuild the same validation set.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from backbone.bad_images import DEFAULT_ON_BAD_IMAGE, BadImages, check_on_bad_image
 from backbone.data_index import (
     DatasetError,
+    check_links_inside,
     dedupe_samples,
     find_val_label_file,
     read_val_labels,
@@ -59,7 +64,7 @@ from backbone.data_index import (
     stratified_split,
 )
 from backbone.image_cache import CorruptImageError, DecodedImageCache
-from backbone.image_io import ImageDecodeError, read_image_rgb
+from backbone.image_io import ImageDecodeError, decode_image
 from backbone.synthetic import SyntheticShapesDataset
 from backbone.transforms import eval_transform as make_eval_transform
 from backbone.transforms import train_transform as make_train_transform
@@ -83,7 +88,7 @@ class ImageClassificationDataset(Dataset):
         samples: Sequence[tuple[str, int]],
         class_names: Sequence[str],
         transform: Callable | None = None,
-        strict: bool = False,
+        on_bad_image: str = DEFAULT_ON_BAD_IMAGE,
         cache: DecodedImageCache | None = None,
         augment_seed: int = 0,
     ) -> None:
@@ -94,11 +99,10 @@ class ImageClassificationDataset(Dataset):
         self.samples = list(samples)
         self.class_names = list(class_names)
         self.transform = transform
-        self.strict = strict
+        self.bad_images = BadImages(on_bad_image, "data")  # this process's tally (loader workers: theirs)
         self.cache = cache
         self.augment_seed = augment_seed
         self.epoch = 0
-        self.skipped: dict[str, str] = {}  # path -> problem, in this process
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -112,11 +116,19 @@ class ImageClassificationDataset(Dataset):
         if hasattr(self.transform, "set_epoch"):  # e.g. ProgressiveResizeTransform
             self.transform.set_epoch(epoch)
 
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Path -> problem of the files skipped in this process."""
+        return self.bad_images.files("skipped")
+
     def load_image(self, index: int) -> np.ndarray:
-        """The decoded uint8 RGB image of sample ``index`` (raises ``ImageDecodeError``)."""
+        """The decoded uint8 RGB image of sample ``index`` (raises ``ImageDecodeError``; a truncated
+        JPEG decodes as far as it goes only under ``on_bad_image="skip"``)."""
         if self.cache is not None:
             return self.cache[index]
-        return read_image_rgb(self.samples[index][0])
+        decoded = decode_image(self.samples[index][0], partial=self.bad_images.partial_allowed)
+        self.bad_images.record(self.samples[index][0], decoded)
+        return decoded.image
 
     def _load_or_replace(self, index: int) -> tuple[np.ndarray, int]:
         for attempt in range(MAX_REPLACEMENT_TRIES):
@@ -124,16 +136,7 @@ class ImageClassificationDataset(Dataset):
             try:
                 return self.load_image(candidate), self.samples[candidate][1]
             except ImageDecodeError as err:
-                if self.strict:
-                    raise CorruptImageError(str(err)) from None
-                if err.path not in self.skipped:
-                    self.skipped[err.path] = err.problem
-                    logger.warning(
-                        "skipped undecodable image %s (%s); %d skipped so far in this process",
-                        err.path,
-                        err.problem,
-                        len(self.skipped),
-                    )
+                self.bad_images.skip(err.path, err.problem)  # BadImageError under "error"
         path = self.samples[index][0]
         raise CorruptImageError(
             f"{path}: it and the {MAX_REPLACEMENT_TRIES - 1} samples after it are undecodable"
@@ -199,7 +202,7 @@ def build_classification_datasets(
     val_fraction: float = 0.2,
     seed: int = 0,
     augment_seed: int | None = None,
-    strict: bool = False,
+    on_bad_image: str = DEFAULT_ON_BAD_IMAGE,
     cache: bool = False,
     dedupe: bool = True,
     val_labels: str | Path | None = None,
@@ -212,6 +215,7 @@ def build_classification_datasets(
 ) -> tuple[Dataset, Dataset, list[str]]:
     """``(train_ds, val_ds, class_names)`` for ``root`` (see the module docstring)."""
     augment = seed if augment_seed is None else augment_seed
+    check_on_bad_image(on_bad_image)
     train_tf = train_transform or _default_train_transform(image_size, root is None, train_scale)
     val_tf = val_transform or make_eval_transform(image_size)
     if root is None:
@@ -224,8 +228,10 @@ def build_classification_datasets(
     mode = _resolve_split(root, split)
     train_dir = root / "train" if (root / "train").is_dir() else root
     train_samples, class_names = scan_class_folders(train_dir)
+    check_links_inside([path for path, _ in train_samples], root)
     if mode == "folders":
         val_samples = _val_samples(root / "val", root, class_names, val_labels)
+        check_links_inside([path for path, _ in val_samples], root)
         if dedupe:
             train_samples, val_samples = dedupe_samples(train_samples, val_samples, class_names)
     else:
@@ -255,11 +261,11 @@ def build_classification_datasets(
         if cache:
             side = int(round(image_size * CACHE_SHORTER_SIDE_FACTOR))
             image_cache = DecodedImageCache.build(
-                [path for path, _ in samples], side, strict=strict, num_threads=cache_threads
+                [path for path, _ in samples], side, on_bad_image, num_threads=cache_threads
             )
             samples = [samples[i] for i in image_cache.kept_indices]
         datasets.append(
-            ImageClassificationDataset(samples, class_names, transform, strict, image_cache, augment)
+            ImageClassificationDataset(samples, class_names, transform, on_bad_image, image_cache, augment)
         )
     return datasets[0], datasets[1], class_names
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from backbone.runtime.errors import UserError
+from backbone.runtime.paths import link_escape
 
 logger = logging.getLogger(__name__)
 
@@ -259,3 +260,12 @@ def dedupe_samples(
     kept_val = [(p, lb) for i, (p, lb, split) in enumerate(entries) if split == "val" and i not in drop]
     kept_train = [(p, lb) for i, (p, lb, split) in enumerate(entries) if split == "train" and i not in drop]
     return kept_train, kept_val
+
+
+def check_links_inside(paths: Sequence[str], root: str | Path) -> None:
+    """A one-line DatasetError for the first image file that is a symlink leading outside ``root``
+    (``backbone.runtime.paths.link_escape``); one lstat per file, so large sets stay fast."""
+    for path in paths:
+        target = link_escape(path, root)
+        if target is not None:
+            raise DatasetError(f"{path}: symlink leads outside the data root {root} (to {target}): refused")

@@ -17,25 +17,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from backbone.image_io import ImageDecodeError, read_image_rgb
-from backbone.runtime.errors import UserError
+from backbone.bad_images import DEFAULT_ON_BAD_IMAGE, BadImageError, BadImages
 
 logger = logging.getLogger(__name__)
 
 
-class CorruptImageError(UserError, ValueError):
-    """A file that cannot be decoded, under ``strict``. ``str()`` is ``"PATH: problem"``.
-
-    torch re-raises a DataLoader worker's exception as ``type(msg)`` with the worker traceback in
-    ``msg``; this class recovers its own one-line message from that text, so the user still sees one
-    line naming the file.
-    """
-
-    def __init__(self, message: str) -> None:
-        marker = f"{type(self).__name__}: "
-        if "\n" in message and marker in message:
-            message = message.rsplit(marker, 1)[1].strip().splitlines()[0]
-        super().__init__(message)
+# The one-line error of ``on_bad_image: error`` (this name predates backbone.bad_images).
+CorruptImageError = BadImageError
 
 
 def shrink_to_shorter_side(image: np.ndarray, shorter_side: int) -> np.ndarray:
@@ -72,36 +60,37 @@ class DecodedImageCache:
 
     @classmethod
     def build(
-        cls, paths: Sequence[str], shorter_side: int, strict: bool = False, num_threads: int | None = None
+        cls,
+        paths: Sequence[str],
+        shorter_side: int,
+        on_bad_image: str = DEFAULT_ON_BAD_IMAGE,
+        num_threads: int | None = None,
+        bad_images: BadImages | None = None,
     ) -> DecodedImageCache:
-        """Decode ``paths`` in threads (OpenCV releases the GIL). Undecodable files are logged and
-        left out (``kept_indices`` says which remain), or raise under ``strict``."""
+        """Decode ``paths`` in threads (OpenCV releases the GIL). Bad files follow ``on_bad_image``
+        (``backbone.bad_images``): skipped ones are left out (``kept_indices`` says which remain)
+        and the summary is logged once; ``bad_images`` (default: a new tally) collects them."""
+        bad = bad_images or BadImages(on_bad_image, "caching images")
 
-        def load(path: str) -> np.ndarray | ImageDecodeError:
-            try:
-                return shrink_to_shorter_side(read_image_rgb(path), shorter_side)
-            except ImageDecodeError as err:
-                return err
+        def load(path: str) -> np.ndarray | None:
+            image = bad.read(path)
+            return None if image is None else shrink_to_shorter_side(image, shorter_side)
 
         images: list[np.ndarray] = []
         kept: list[int] = []
-        skipped = 0
         workers = num_threads or min(4, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
             results = pool.map(load, paths)
             for index, result in enumerate(
                 tqdm(results, total=len(paths), desc="caching images", leave=False)
             ):
-                if isinstance(result, ImageDecodeError):
-                    if strict:
-                        raise CorruptImageError(str(result))
-                    skipped += 1
-                    logger.warning("skipped undecodable image %s (%s)", result.path, result.problem)
-                    continue
-                images.append(np.ascontiguousarray(result))
-                kept.append(index)
+                if result is not None:
+                    images.append(np.ascontiguousarray(result))
+                    kept.append(index)
+        if bad_images is None:
+            bad.log_summary(logger)
         if not images:
-            raise CorruptImageError(f"none of the {len(paths)} images could be decoded")
+            raise BadImageError(f"none of the {len(paths)} images could be decoded")
         sizes = np.array([image.size for image in images], np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         buffer = np.empty(int(offsets[-1]), np.uint8)
@@ -109,10 +98,10 @@ class DecodedImageCache:
             buffer[start : start + image.size] = image.ravel()
         shapes = np.array([image.shape for image in images], np.int32)
         logger.info(
-            "cached %d images (shorter side <= %d) in %.1f MB; %d undecodable skipped",
+            "cached %d images (shorter side <= %d) in %.1f MB; %d bad images skipped",
             len(images),
             shorter_side,
             buffer.nbytes / 1e6,
-            skipped,
+            len(paths) - len(images),
         )
         return cls(buffer, offsets, shapes, kept)

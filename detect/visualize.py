@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -12,7 +13,9 @@ matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from backbone.image_io import read_image_rgb  # noqa: E402
+from backbone.image_io import ImageDecodeError, read_image_rgb  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 _PALETTE = np.array(
     [
@@ -104,7 +107,11 @@ def save_detection_pictures(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for record in list(records)[:max_images]:
-        image = read_image_rgb(record.file_name)
+        try:
+            image = read_image_rgb(record.file_name)
+        except ImageDecodeError as err:  # pictures come after the work: never fatal
+            logger.warning("no picture for %s (%s)", err.path, err.problem)
+            continue
         pred = predictions.get(int(record.image_id), {})
         scores = np.asarray(pred.get("scores", np.zeros(0)), np.float32)
         keep = scores >= score_threshold

@@ -88,24 +88,56 @@ def test_report_compares_the_four_methods(
 
 
 @pytest.mark.parametrize("method", ["ss", "both"])
-def test_report_without_a_multibox_model_covers_selective_search(tmp_path: Path, method: str) -> None:
+def test_report_without_a_multibox_model_covers_selective_search(
+    tmp_path: Path, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
     config = write_config(tmp_path, method=method, multibox={"model": None})
     out = tmp_path / "rep"
     assert run_in_process("--config", str(config), "--split", "test", "--report", "--out", str(out)) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == {"SS fast", "SS fast_x2", "SS fast (dedup 0.8, reference)"}
+    assert report["notes"] == ["no multibox.model: MultiBox rows left out"]
     assert sorted(p.name for p in (tmp_path / "cache" / "tiny" / "test").iterdir()) == [
         "ss_fast",
         "ss_fast_x2",
     ]
-    # A model named but not there is a mistake, not a reason to leave MultiBox out quietly.
-    missing = str(tmp_path / "nope.pth")
-    with pytest.raises(
-        UserError, match=re.escape("nope.pth: MultiBox model file not found (--set multibox.model=null")
-    ):
-        run_in_process(
-            "--config", str(config), "--split", "test", "--report", "--set", f"multibox.model={missing}"
-        )
+    # A model named but not trained yet: the selective search rows all the same, and a warning naming it.
+    missing = tmp_path / "nope.pth"
+    out = tmp_path / "rep_missing"
+    with caplog.at_level(logging.WARNING):
+        assert (
+            run_in_process(
+                "--config", str(config), "--split", "test", "--report", "--out", str(out),
+                "--set", f"multibox.model={missing}",
+            )
+            == 0
+        )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == {"SS fast", "SS fast_x2", "SS fast (dedup 0.8, reference)"}
+    expected = f"{missing}: MultiBox model file not found"
+    assert expected in caplog.text
+    assert f"note: {expected}" in (out / "report.txt").read_text()
+
+
+def test_report_needs_the_model_only_for_its_rows(tmp_path: Path) -> None:
+    # Without --report the configured method is what is asked for: a missing model stays an error.
+    config = write_config(tmp_path, method="both", multibox={"model": str(tmp_path / "nope.pth")})
+    with pytest.raises(UserError, match=re.escape("nope.pth: MultiBox model file not found")):
+        run_in_process("--config", str(config), "--split", "test")
+
+
+def test_dataset_log_lines_are_readable_and_name_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = write_config(tmp_path)
+    coco = json.loads((tmp_path / "tiny.json").read_text())
+    coco["annotations"][0]["bbox"] = [100, 8, 60, 40]  # past the 128 px width: clipped when read
+    (tmp_path / "tiny.json").write_text(json.dumps(coco))
+    with caplog.at_level(logging.INFO):
+        assert run_in_process("--config", str(config), "--split", "test", "--no-progress") == 0
+    assert "tiny/test: 4 images" in caplog.text
+    assert re.search(r"tiny\.json: boxes clipped to the image: 1 \(\S", caplog.text)  # with the file
+    assert "LoadReport(" not in caplog.text  # no raw dataclass repr
 
 
 def test_config_keys_are_the_proposal_spec_at_the_top_level(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import argparse
 import logging
 import sys
 
+from backbone.bad_images import ON_BAD_IMAGE
 from backbone.runtime import run_tool, setup_logging
 from detect.datasets import open_detection_dataset, write_coco_json
 
@@ -52,6 +53,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--skip-errors", action="store_true", help="skip bad files (counted) instead of stopping"
     )
+    parser.add_argument(
+        "--on-bad-image",
+        choices=ON_BAD_IMAGE,
+        default="skip",
+        help="an image file that is empty, a directory, not an image or too large: skip it (named in "
+        "the report) or stop with an error (backbone/bad_images.py)",
+    )
     return parser
 
 
@@ -66,6 +74,7 @@ def main(args: argparse.Namespace) -> None:
         names_file=args.names_file,
         synsets=args.synsets,
         on_error="skip" if args.skip_errors else "raise",
+        on_bad_image=args.on_bad_image,
     )
     report.log(logger)
     path = write_coco_json(dataset, args.out, image_root=args.relative_to)

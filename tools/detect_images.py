@@ -2,13 +2,16 @@
 
     python tools/detect_images.py --checkpoint RUN/model.pt [--checkpoint RUN2/model.pt] IMAGE_OR_FOLDER ...
         [--out runs/detect] [--score-threshold 0.3] [--nms-iou 0.3] [--max-per-image 100]
-        [--device auto|cpu|cuda] [--flip] [--precision fp32|bf16|fp16]
+        [--device auto|cpu|cuda] [--flip] [--precision fp32|bf16|fp16] [--on-bad-image skip|error]
 
 Proposes boxes as the model was trained (selective search, plus MultiBox when the model file names
 one), classifies them and writes ``--out``/<image stem>.png (detections drawn with scores above
 ``--draw-threshold``; a repeated stem gets a numbered suffix) and ``--out``/detections.json
-(COCO-style: file_name, bbox [x, y, w, h], category, score). Unreadable files are skipped, listed
-and counted; the exit code is 1 when any were.
+(COCO-style: file_name, bbox [x, y, w, h], category, score). Bad images follow ``--on-bad-image``
+(backbone/bad_images.py): by default a truncated JPEG is decoded as far as it goes and an unreadable
+file is skipped, each named and counted in one summary, the exit code then being 1; ``error`` stops
+at the first with one line (exit code 2). A file found in a folder that is a symlink leading out of
+that folder is refused with one line before anything runs.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from backbone.image_io import ImageDecodeError, read_image_rgb
+from backbone.bad_images import ON_BAD_IMAGE, BadImages
 from backbone.runtime.dist import select_device
 from backbone.runtime.errors import UserError
 from backbone.runtime.files import atomic_write_text
 from backbone.runtime.log import run_tool, setup_logging
+from backbone.runtime.paths import link_escape
 from detect.rcnn.predictor import Predictor
 from detect.visualize import draw_boxes
 
@@ -52,6 +56,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--flip", action=argparse.BooleanOptionalAction, default=None, help="test-time flip (model's)"
     )
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="(model's)")
+    parser.add_argument(
+        "--on-bad-image",
+        choices=ON_BAD_IMAGE,
+        default="skip",
+        help="an image that does not decode: skip it (named, counted, exit code 1) or stop (exit code 2)",
+    )
     return parser
 
 
@@ -70,7 +80,12 @@ def image_files(inputs: list[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            for path in found:
+                target = link_escape(path, item)
+                if target is not None:
+                    raise UserError(f"{path}: symlink leads outside the folder {item} (to {target}): refused")
+            files += found
         elif item.exists():
             files.append(item)
         else:
@@ -97,13 +112,12 @@ def main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     names = predictor.class_names
     category_ids = predictor.meta["category_ids"]
-    results, skipped = [], []
+    results = []
+    bad = BadImages(args.on_bad_image, "detect")
     bar = tqdm(files, desc="detect", unit="img", dynamic_ncols=True)
     for path, picture in zip(bar, output_names(files), strict=True):
-        try:
-            image = read_image_rgb(path)
-        except ImageDecodeError as err:
-            skipped.append(f"{err.path}: {err.problem}")
+        image = bad.read(path)
+        if image is None:
             continue
         dets = predictor(image)
         for box, score, label in zip(dets["boxes"], dets["scores"], dets["labels"], strict=True):
@@ -121,11 +135,9 @@ def main(args: argparse.Namespace) -> int:
         canvas = draw_boxes(image, dets["boxes"][shown], dets["labels"][shown], names, dets["scores"][shown])
         cv2.imwrite(str(args.out / f"{picture}.png"), canvas[:, :, ::-1])
     atomic_write_text(args.out / "detections.json", json.dumps(results, indent=1) + "\n")
-    for line in skipped:
-        logger.warning("skipped %s", line)
-    print(
-        f"{len(files) - len(skipped)} images, {len(results)} detections -> {args.out}; {len(skipped)} skipped"
-    )
+    bad.log_summary(logger)
+    skipped = bad.count("skipped")
+    print(f"{len(files) - skipped} images, {len(results)} detections -> {args.out}; {skipped} skipped")
     return 1 if skipped else 0
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from backbone.bad_images import ON_BAD_IMAGE
 from backbone.cls_eval import EnsembleMember, classification_report, predict_ensemble, save_confusion_png
 from backbone.data import SPLITS, build_classification_datasets
 from backbone.runtime import UserError, resolve_data_path, run_tool, setup_logging
@@ -54,7 +55,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--limit", type=int, help="evaluate only this many images, spread evenly over the set"
     )
-    parser.add_argument("--strict", action="store_true", help="stop at the first undecodable image")
+    parser.add_argument(
+        "--on-bad-image",
+        choices=ON_BAD_IMAGE,
+        default="skip",
+        help="an image that does not decode: skip it (named, counted) or stop (backbone/bad_images.py)",
+    )
     parser.add_argument("--no-fuse", action="store_true", help="do not fold BatchNorm for inference")
     parser.add_argument(
         "--bf16", action="store_true", help="bfloat16 autocast: about 1.5x faster end to end with AVX512-BF16"
@@ -124,7 +130,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     try:
         _, val_ds, class_names = build_classification_datasets(
             image_size=crop_size,
-            strict=args.strict,
+            on_bad_image=args.on_bad_image,
             val_transform=MultiCropTransform(crop_size, args.crops),
             **settings,
         )
@@ -148,7 +154,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
 
     start = time.perf_counter()
     members = [EnsembleMember(path, model, image_size_of(args, path, meta)) for path, model, meta in models]
-    ensemble = predict_ensemble(  # an undecodable image (--strict) is a CorruptImageError: a UserError
+    ensemble = predict_ensemble(  # a bad image under --on-bad-image error is a BadImageError: a UserError
         members,
         val_ds,
         class_names,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backbone.bad_images import ON_BAD_IMAGE
 from backbone.runtime import run_tool, setup_logging
 from detect.datasets import DatasetError, dataset_to_coco, detect_format, open_detection_dataset
 from detect.datasets.coco import load_json
@@ -61,6 +62,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synsets", help="ILSVRC: meta_det.mat or 'WNID [INDEX] NAME' text mapping")
     parser.add_argument("--image-root", help="folder of the GT images: COCO or folder layouts (optional)")
     parser.add_argument("--annotations", help="folder layouts: folder of the XML files (default: found)")
+    parser.add_argument(
+        "--on-bad-image",
+        choices=ON_BAD_IMAGE,
+        default="skip",
+        help="a GT image file that does not read: its annotated size is used, else it is skipped "
+        "(named) or, with error, stops (backbone/bad_images.py)",
+    )
     return parser
 
 
@@ -75,6 +83,7 @@ def main(args: argparse.Namespace) -> None:
         names_file=args.names_file,
         synsets=args.synsets,
         require_images=False,
+        on_bad_image=args.on_bad_image,
     )
     report.log(logger)
     results = load_json(args.dets)

@@ -10,9 +10,10 @@ are the ones train_det and test_det look for. ``method`` is ``ss`` (selective se
 ``both`` (MultiBox's top boxes, then selective search, near-duplicates removed). Caches live in
 ``cache_dir/<name>/<split>/<method>``, fingerprinted by method, parameters and images: a stale cache
 is rebuilt (with a warning), an interrupted run continues where it stopped. ``--report`` computes the
-paper's comparison (SS fast, SS x2, MultiBox, SS x2 + MultiBox; without a ``multibox.model`` the
-selective search rows alone) and writes report.txt, report.json and recall_curves.png to ``--out``
-(default ``runs/<config stem>/report_<split>``).
+paper's comparison (SS fast, SS x2, MultiBox, SS x2 + MultiBox) and writes report.txt, report.json and
+recall_curves.png to ``--out`` (default ``runs/<config stem>/report_<split>``). Without a MultiBox
+model (no ``multibox.model``, or its file not trained yet) the report has the selective search rows
+alone, and says why in the log and the report.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
+from backbone.bad_images import BadImages, OnBadImage
 from backbone.runtime import config as cfglib
 from backbone.runtime.dist import barrier, cleanup_distributed, init_distributed, is_main_process
 from backbone.runtime.errors import UserError
@@ -51,6 +53,7 @@ class ProposeConfig(ProposalSpec):
     name: str = "dataset"
     splits: dict[str, DatasetSpec] = field(default_factory=dict)
     report_baseline: str = "fast"  # the plain selective search the report compares against
+    on_bad_image: OnBadImage = "skip"  # skip (recorded in the cache) or error: backbone/bad_images.py
 
     def proposals(self) -> ProposalSpec:
         return ProposalSpec(**{f.name: getattr(self, f.name) for f in fields(ProposalSpec)})
@@ -71,8 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_split(cfg: ProposeConfig, split: str) -> DetectionDataset:
     spec = cfg.splits[split]
-    dataset, report = open_dataset_spec(spec)
-    logger.info("%s/%s: %d images; %s", cfg.name, split, len(dataset.records), report)
+    dataset, report = open_dataset_spec(spec, cfg.on_bad_image)
+    logger.info("%s/%s: %d images", cfg.name, split, len(dataset.records))
+    report.log(logger)  # what was fixed, kept or skipped, naming the first few files
     return dataset
 
 
@@ -94,17 +98,27 @@ def main(args: argparse.Namespace) -> int:
         cleanup_distributed()
 
 
-def plan(cfg: ProposeConfig, split: str, report: bool) -> dict[str, tuple[Path, ProposalMethod]]:
-    """The caches to build (settings errors surface here, before the data set is read)."""
+def plan(
+    cfg: ProposeConfig, split: str, report: bool
+) -> tuple[dict[str, tuple[Path, ProposalMethod]], list[str]]:
+    """The caches to build (settings errors surface here, before the data set is read), and notes
+    for the report: a report without a MultiBox model covers selective search alone."""
     spec = cfg.proposals()
+    notes = []
     model = spec.multibox.model
-    if report and model is not None and not resolve_data_path(model).is_file():
-        raise UserError(
-            f"{resolve_data_path(model)}: MultiBox model file not found "
-            "(--set multibox.model=null reports selective search alone)"
+    if report and model is None:
+        notes.append("no multibox.model: MultiBox rows left out")
+        logger.info(notes[-1])
+    elif report and not resolve_data_path(model).is_file():
+        # Typically not trained yet: the selective search rows are still worth having.
+        notes.append(
+            f"{resolve_data_path(model)}: MultiBox model file not found (tools/train_multibox.py writes "
+            "it): MultiBox rows left out"
         )
+        logger.warning(notes[-1])
+        spec = replace(spec, multibox=replace(spec.multibox, model=None))
     try:
-        return plan_caches(spec, cfg.name, split, cfg.report_baseline if report else None)
+        return plan_caches(spec, cfg.name, split, cfg.report_baseline if report else None), notes
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -115,9 +129,7 @@ def propose(cfg: ProposeConfig, args: argparse.Namespace, world_size: int) -> in
     if args.split not in cfg.splits:
         known = ", ".join(sorted(cfg.splits)) or "none"
         raise UserError(f"--split {args.split}: not in the config's splits ({known})")
-    caches = plan(cfg, args.split, args.report)
-    if args.report and cfg.multibox.model is None:
-        logger.info("no multibox.model: the report covers selective search alone")
+    caches, notes = plan(cfg, args.split, args.report)
     dataset = load_split(cfg, args.split)
     workers = cfg.workers or cores_per_rank()
     logger.info("%d process(es) x %d worker(s); caches under %s", world_size, workers, split_dir)
@@ -130,7 +142,11 @@ def propose(cfg: ProposeConfig, args: argparse.Namespace, world_size: int) -> in
             workers=workers,
             shard_size=cfg.shard_size,
             progress=not args.no_progress,
+            on_bad_image=cfg.on_bad_image,
         )
+        bad = BadImages(cfg.on_bad_image, f"{name} {directory}")
+        bad.merge(summary["bad_images"])  # skipped images are recorded in the cache, named here
+        bad.log_summary(logger)
         logger.info(
             "%s: %s (%d shards computed, %d reused)", name, directory, summary["computed"], summary["reused"]
         )
@@ -141,7 +157,7 @@ def propose(cfg: ProposeConfig, args: argparse.Namespace, world_size: int) -> in
         out = args.out or default_run_dir(args.config, "propose") / f"report_{args.split}"
         rows = report_rows(dataset.records, sets, f"SS {cfg.report_baseline}", cfg.union_dedup_iou)
         title = f"{cfg.name} / {args.split}: {len(dataset.records)} images"
-        print(write_report(rows, out, title, {"config": cfglib.config_to_dict(cfg)}))
+        print(write_report(rows, out, title, {"config": cfglib.config_to_dict(cfg)}, notes))
         print(f"report in {out}")
     return 0
 

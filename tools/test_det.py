@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from backbone.bad_images import ON_BAD_IMAGE
 from backbone.runtime.dist import cleanup_distributed, init_distributed, is_main_process
 from backbone.runtime.errors import UserError
 from backbone.runtime.files import atomic_write_text
@@ -80,6 +81,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "extras the models carry; the others written as eval_<split>_<variant>.*)",
     )
     parser.add_argument("--workers", type=int, default=0, help="data loader workers")
+    parser.add_argument(
+        "--on-bad-image",
+        choices=ON_BAD_IMAGE,
+        default=None,
+        help="an image that does not decode: skip it (named, counted) or stop with an error "
+        "(default: the model's data.on_bad_image, else skip)",
+    )
     parser.add_argument("--no-fuse", action="store_true", help="skip BatchNorm folding (for comparison)")
     parser.add_argument("--out", type=Path, default=None)
     return parser
@@ -119,6 +127,7 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
     models, meta = load_detectors(args.checkpoint, device, fuse=not args.no_fuse)
     config = meta["config"]
     data, test_cfg = config["data"], dict(config["test"])
+    on_bad_image = args.on_bad_image or data.get("on_bad_image", "skip")
     if data_spec is not None:
         specs = [data_spec]
         name = args.name or Path(args.data).stem
@@ -133,6 +142,7 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
         synthetic_images=data["synthetic_val_images"],
         synthetic_image_size=data["synthetic_image_size"],
         seed=config["seed"],
+        on_bad_image=on_bad_image,
     )
     if split.dataset.class_names != meta["class_names"]:
         raise UserError(
@@ -140,7 +150,7 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
             f"model's {meta['class_names']}"
         )
     spec = spec_from_settings(config["proposals"], source=f"{args.checkpoint[0]} proposals")
-    boxes, _ = split_proposals(split, spec, name)
+    boxes, _ = split_proposals(split, spec, name, on_bad_image=on_bad_image)
     overrides = {
         "nms_iou": args.nms_iou,
         "score_threshold": args.score_threshold,
@@ -174,7 +184,9 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
         flip=test_cfg.get("flip", False) if args.flip is None else args.flip,
         variants=variants,
     )
-    dataset = RegionScoringDataset(split.dataset.records, boxes, data["shorter_side"], in_memory=False)
+    dataset = RegionScoringDataset(
+        split.dataset.records, boxes, data["shorter_side"], in_memory=False, on_bad_image=on_bad_image
+    )
     started = time.perf_counter()
     predictions, results = evaluate_detector(models, split, dataset, settings, metrics, workers=args.workers)
     seconds = time.perf_counter() - started

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from backbone import googlenet
+from backbone.bad_images import OnBadImage
 from backbone.data import build_classification_datasets, default_train_scale
 from backbone.ema import ModelEma
 from backbone.engine import batch_mix, classification_step, evaluate
@@ -55,7 +56,7 @@ class DataConfig:
     split: Literal["auto", "folders", "stratified"] = "auto"
     val_fraction: float = 0.2
     split_seed: int = 0  # also seeds the synthetic images; augmentation follows the top-level seed
-    strict: bool = False  # True: the first undecodable image stops the run
+    on_bad_image: OnBadImage = "skip"  # skip (named, counted) or error: backbone/bad_images.py
     cache: bool = False  # decode every image once into RAM (small sets)
     dedupe: bool = True
     val_labels: str | None = None
@@ -195,7 +196,7 @@ def build_data(cfg: TrainClsConfig):
             val_fraction=data.val_fraction,
             seed=data.split_seed,
             augment_seed=cfg.seed,
-            strict=data.strict,
+            on_bad_image=data.on_bad_image,
             cache=data.cache,
             dedupe=data.dedupe,
             val_labels=data.val_labels,
@@ -280,7 +281,7 @@ def train(cfg: TrainClsConfig, args: argparse.Namespace, run: Run) -> int:
         )
 
     config_dict = cfglib.config_to_dict(cfg)
-    result = fit(  # a CorruptImageError (strict data) is a UserError: one line, exit code 2
+    result = fit(  # a BadImageError (on_bad_image: error) is a UserError: one line, exit code 2
         model=wrap_ddp(model, run),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from backbone.bad_images import OnBadImage
 from backbone.runtime import config as cfglib
 from backbone.runtime.dist import is_main_process
 from backbone.runtime.errors import UserError
@@ -77,6 +78,7 @@ class DataConfig:
     shorter_side: int = 480  # images are decoded at most this small side (never upscaled)
     in_memory: bool = True  # decode the training images once into RAM (small sets)
     workers: int = 0
+    on_bad_image: OnBadImage = "skip"  # skip (named, counted) or error: backbone/bad_images.py
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ def open_split(data: DataConfig, split: str, seed: int) -> DetectionSplit:
         synthetic_images=data.synthetic_train_images if split == "train" else data.synthetic_val_images,
         synthetic_image_size=data.synthetic_image_size,
         seed=seed,
+        on_bad_image=data.on_bad_image,
     )
 
 
@@ -208,8 +211,10 @@ def train(cfg: TrainDetConfig, args: argparse.Namespace, run) -> int:
             f"data.val: classes {val_split.dataset.class_names} differ from data.train's "
             f"{train_split.dataset.class_names}"
         )
-    train_boxes, proposal_meta = split_proposals(train_split, cfg.proposals, data.name)
-    val_boxes, _ = split_proposals(val_split, cfg.proposals, data.name)
+    train_boxes, proposal_meta = split_proposals(
+        train_split, cfg.proposals, data.name, on_bad_image=data.on_bad_image
+    )
+    val_boxes, _ = split_proposals(val_split, cfg.proposals, data.name, on_bad_image=data.on_bad_image)
     class_names = train_split.dataset.class_names
     num_classes = len(class_names)
 
@@ -226,8 +231,11 @@ def train(cfg: TrainDetConfig, args: argparse.Namespace, run) -> int:
         in_memory=data.in_memory,
         flip=s.flip,
         color_jitter=s.color_jitter,
+        on_bad_image=data.on_bad_image,
     )
-    val_ds = RegionScoringDataset(val_split.dataset.records, val_boxes, data.shorter_side, data.in_memory)
+    val_ds = RegionScoringDataset(
+        val_split.dataset.records, val_boxes, data.shorter_side, data.in_memory, data.on_bad_image
+    )
     train_loader = ResumableLoader(
         train_ds, s.images_per_batch, seed=cfg.seed, num_workers=data.workers, collate_fn=collate_regions
     )

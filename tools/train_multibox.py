@@ -8,8 +8,14 @@ The backbone comes from ``model.init`` (a ``model.pt`` written by train_cls; ``n
 random weights, which the exported model's meta then says). Priors are k-means centres of the
 training boxes. The run directory (default ``runs/<config stem>``) receives config.yaml,
 metrics.jsonl, curves.png, log.txt, checkpoint.pt (every epoch and on SIGTERM/SIGINT; ``--resume``
-continues exactly), summary.json (initial and final validation recall) and model.pt, the file
+continues exactly), best.pt (the best validated epoch so far), summary.json and model.pt, the file
 tools/propose.py reads.
+
+model.pt holds the evaluated epoch with the best validation recall at the largest
+``train.recall_top_k`` (not the last epoch: training can end worse than it started); its meta says
+which epoch, its recall, and the recall of the k-means priors alone (what an untrained head
+predicts). When no epoch beat the priors the best epoch is still exported, since its ranking is
+learned and the priors' is not, but the log, summary.json (``beat_priors``) and the meta say so.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import argparse
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,10 +36,11 @@ from backbone.runtime.loader import ResumableLoader, build_eval_loader
 from backbone.runtime.log import run_tool
 from backbone.runtime.optim import build_lr_scheduler, lr_factor_fn
 from backbone.runtime.run import Run, start_run, stop_exit_code, wrap_ddp, write_summary
-from backbone.runtime.trainer import fit
+from backbone.runtime.trainer import StepOutput, fit
 from detect.datasets import DetectionRecord
 from detect.datasets.spec import DatasetSpec
 from detect.proposals.multibox import MultiBoxArch, MultiBoxNet, kmeans_priors, save_multibox
+from detect.proposals.multibox_best import BestEpoch, compare_with_priors, prior_counts, priors_recall
 from detect.proposals.multibox_data import MultiBoxDataset, all_gt_boxes, collate_multibox
 from detect.proposals.multibox_train import (
     build_model,
@@ -196,21 +203,31 @@ def train(cfg: TrainMultiBoxConfig, args: argparse.Namespace, run: Run) -> int:
     match_priors = model.head.priors if cfg.train.match == "priors" else None
     top_ks = tuple(k for k in cfg.train.recall_top_k if k <= cfg.model.num_priors) or (cfg.model.num_priors,)
 
+    priors_val = priors_recall(priors, prior_counts(priors, gt), val_ds.targets, top_ks)
+    logger.info("k-means priors alone (commonest first): %s", percents(priors_val))
+    key = f"recall@{max(top_ks)}"  # what model selection compares
+    best = BestEpoch(run.dir, key, resume=args.resume)
+    step = multibox_step(run.device, cfg.train.alpha, match_priors, cfg.channels_last)
+    trained = {"epoch": cfg.train.epochs}  # the epoch fit last trained; as is when resuming a finished run
+
+    def compute_loss(train_model: torch.nn.Module, batch: Any) -> StepOutput:
+        trained["epoch"] = train_loader.sampler.epoch + 1
+        return step(train_model, batch)
+
     def run_eval(eval_model: torch.nn.Module) -> dict[str, float]:
-        return evaluate_multibox(
+        metrics = evaluate_multibox(
             eval_model, val_loader, run.device, cfg.train.alpha, match_priors, top_ks, cfg.channels_last
         )
+        best.update(eval_model, metrics, trained["epoch"])  # fit evaluates at the end of an epoch
+        return metrics
 
-    initial = run_eval(model) if not args.resume else None
-    if initial is not None:
-        logger.info("before training: %s", ", ".join(f"val_{k} {v:.4g}" for k, v in initial.items()))
     config_dict = cfglib.config_to_dict(cfg)
     result = fit(
         model=wrap_ddp(model, run),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         train_loader=train_loader,
-        compute_loss=multibox_step(run.device, cfg.train.alpha, match_priors, cfg.channels_last),
+        compute_loss=compute_loss,
         epochs=cfg.train.epochs,
         run_dir=run.dir,
         config=config_dict,
@@ -225,23 +242,39 @@ def train(cfg: TrainMultiBoxConfig, args: argparse.Namespace, run: Run) -> int:
     code = stop_exit_code(result)
     if code is not None:
         return code
-    if is_main_process():
-        val = {k[4:]: v for k, v in result.last_metrics.items() if k.startswith("val_")}
-        meta = {
-            "trained_from": trained_from,
-            "val": val,
-            "config": config_dict,
-            "num_train_images": len(train_ds),
-        }
-        save_multibox(run.dir / "model.pt", model, arch, meta)
-        logger.info(
-            "exported %s (%s)", run.dir / "model.pt", ", ".join(f"{k} {v:.4g}" for k, v in val.items())
+    if not is_main_process():
+        return 0
+    beat, verdict = compare_with_priors(key, best.epoch, cfg.train.epochs, best.metrics, priors_val)
+    last_val = {k[4:]: v for k, v in result.last_metrics.items() if k.startswith("val_")}
+    model.load_state_dict(best.weights())
+    meta = {
+        "trained_from": trained_from,
+        "epoch": best.epoch,  # of cfg.train.epochs
+        "selected_by": f"val {key}",
+        "val": best.metrics,
+        "priors_val": priors_val,
+        "beat_priors": beat,
+        "last_epoch_val": last_val,
+        "config": config_dict,
+        "num_train_images": len(train_ds),
+    }
+    save_multibox(run.dir / "model.pt", model, arch, meta)
+    logger.info("exported %s: %s", run.dir / "model.pt", verdict)
+    if not beat:
+        logger.warning(
+            "training did not beat the k-means priors; model.pt holds its best epoch (%d) all the same, "
+            "as its ranking is learned and the priors' is not; a lower optim.lr, more epochs or a "
+            "stronger model.init may do better",
+            best.epoch,
         )
-    # A resumed run measured nothing before training: the first run's initial_val is kept.
-    summary = {"initial_val": initial} if initial is not None else {}
-    summary |= {"epochs": result.epoch, "steps": result.global_step, **result.last_metrics}
-    write_summary(run, summary | {"trained_from": trained_from}, resume=args.resume)
+    summary = {"epochs": result.epoch, "steps": result.global_step, **result.last_metrics}
+    summary |= {"best_epoch": best.epoch, "best_val": best.metrics, "priors_val": priors_val}
+    write_summary(run, summary | {"beat_priors": beat, "trained_from": trained_from}, resume=args.resume)
     return 0
+
+
+def percents(metrics: dict[str, float]) -> str:
+    return ", ".join(f"val {k} {v:.1f}%" for k, v in metrics.items() if k.startswith("recall"))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from backbone.bad_images import OnBadImage, check_on_bad_image
 from detect.datasets.coco import dataset_to_coco, read_coco, write_coco_json
 from detect.datasets.common import DatasetError, LoadReport, OnError
 from detect.datasets.ilsvrc import read_ilsvrc_det, read_synset_mapping
@@ -125,6 +126,7 @@ def open_detection_dataset(
     on_error: OnError = "raise",
     require_images: bool = True,
     annotations: str | Path | None = None,
+    on_bad_image: OnBadImage = "skip",
 ) -> tuple[DetectionDataset, LoadReport]:
     """Read any supported layout. ``image_set``: VOC ``ImageSets/Main`` set (required) or ILSVRC list
     (default ``val``; read over the folders its leading word names: ``train_3`` -> train, ``val1`` -> val);
@@ -135,15 +137,18 @@ def open_detection_dataset(
     for a VOC year folder (``is_voc_year_folder``), else the names found, sorted.
     An option the layout does not use is an error naming it, never ignored.
     ``require_images=False`` (scoring): absent image files are fine where the annotation gives the
-    size; present ones are still read. Training keeps the default: every image must be there."""
+    size; present ones are still read. Training keeps the default: every image must be there.
+    ``on_bad_image`` (``backbone.bad_images``): an image file that is empty, a directory, not an
+    image or too large is skipped (named in the report) or, with ``"error"``, raised."""
     path = Path(path)
     kind = detect_format(path, annotations)
     given = {"image_set": image_set, "class_names": class_names, "image_root": image_root}
     given |= {"names_file": names_file, "synsets": synsets, "annotations": annotations}
     check_options_used(path, kind, given)
     class_names = checked_class_names(path, class_names)
+    images = {"require_images": require_images, "on_bad_image": check_on_bad_image(on_bad_image)}
     if kind == "coco":
-        return read_coco(path, image_root=image_root, on_error=on_error, require_images=require_images)
+        return read_coco(path, image_root=image_root, on_error=on_error, **images)
     if kind == "voc":
         if image_set is None:
             sets = sorted(p.stem for p in (path / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
@@ -152,7 +157,7 @@ def open_detection_dataset(
             )
         if class_names is None and is_voc_year_folder(path):
             class_names = list(VOC_CLASSES)
-        return read_voc(path, image_set, class_names, on_error=on_error, require_images=require_images)
+        return read_voc(path, image_set, class_names, on_error=on_error, **images)
     if kind == "ilsvrc":
         image_set = image_set or "val"
         # The folder is the word the set name starts with: train_K -> train, R-CNN's val1/val2 -> val.
@@ -163,10 +168,10 @@ def open_detection_dataset(
             image_set,
             synsets=synsets,
             on_error=on_error,
-            require_images=require_images,
+            **images,
         )
     names = read_name_list(names_file) if names_file is not None else None
     layout = resolve_folder_layout(path, image_root, annotations, require_images)
-    options = {"on_error": on_error, "name": path.name, "require_images": require_images}
+    options = {"on_error": on_error, "name": path.name, **images}
     options["names_source"] = names_file
     return read_xml_folder(layout.images, layout.annotations, names, class_names, **options)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
+from backbone.bad_images import OnBadImage
 from detect.datasets.common import (
     DatasetError,
     LoadReport,
@@ -115,6 +116,7 @@ def read_coco(
     on_error: OnError = "raise",
     workers: int | None = None,
     require_images: bool = True,
+    on_bad_image: OnBadImage = "skip",
 ) -> tuple[DetectionDataset, LoadReport]:
     """Read a COCO instances file whose ``file_name``s live under ``image_root``.
 
@@ -165,7 +167,7 @@ def read_coco(
 
     images = [coco.imgs[i] for i in sorted(coco.imgs)]
     records = []
-    for _, built, error in map_items(build, images, workers or default_workers(), on_error):
+    for _, built, error in map_items(build, images, workers or default_workers(), on_error, on_bad_image):
         if error is not None:
             report.add("skipped", f"{error.path}: {error.problem}")
         else:

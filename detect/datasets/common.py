@@ -4,7 +4,10 @@ Readers never trust what annotations say about an image: its size comes from the
 (PIL reads only the header, so a 4000 px JPEG costs microseconds), falling back to a full decode by
 ``backbone.image_io.read_image_rgb`` when PIL cannot identify the bytes. The header size equals the
 decoded size because both ignore EXIF orientation (``read_image_rgb`` decodes with
-``IMREAD_IGNORE_ORIENTATION``).
+``IMREAD_IGNORE_ORIENTATION``). An image file that is empty, a directory, not an image or above
+``backbone.image_io.MAX_IMAGE_PIXELS`` is an ``ImageFileError``, which ``map_items`` skips (named in
+the report) or raises by the ``on_bad_image`` policy (``backbone.bad_images``); a JPEG without its
+end marker is kept and reported (decoders use the part present).
 
 Scoring needs only the annotations: with ``require_images=False`` (``tools/eval_det.py``) an image
 file that is absent is not an error when the annotation gives a valid size, which is then used
@@ -22,10 +25,11 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from backbone.image_io import ImageDecodeError, read_image_rgb
+from backbone.bad_images import DEFAULT_ON_BAD_IMAGE, OnBadImage, check_on_bad_image
+from backbone.image_io import ImageDecodeError, looks_truncated_jpeg, read_image_header, read_image_rgb
 from backbone.runtime.errors import UserError
+from backbone.runtime.paths import link_escape
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,8 @@ REPORT_KINDS: dict[str, str] = {
     "size_unknown_no_objects": "image files absent, no size annotated, no objects: kept with size 0x0",
     "content_not_extension": "files whose content format differs from their extension (decoded by content)",
     "content_not_rgb": "images that are not plain RGB (RGBA/palette/grayscale/CMYK/16-bit; decoded to RGB)",
+    "jpeg_truncated_kept": "JPEGs without their end marker (truncated?) kept: decoders use the part present",
+    "size_from_annotation_bad_image": "image files unreadable: size taken from the annotation",
     "image_without_objects": "images without objects kept",
     "negative_image_no_annotation": "negative images without an annotation file kept with no objects",
     "image_without_annotation_ignored": "images in the folder without an annotation file (not loaded)",
@@ -61,6 +67,7 @@ REPORT_KINDS: dict[str, str] = {
 
 _EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}
 _EXTENSION_FORMATS.update({".tif": "TIFF", ".tiff": "TIFF"})
+_JPEG_TAIL = 64  # bytes read from a JPEG's end to look for its end marker
 
 
 class DatasetError(UserError, ValueError):
@@ -70,6 +77,11 @@ class DatasetError(UserError, ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class ImageFileError(DatasetError):
+    """An image file that cannot be used (empty, a directory, not an image, too large): a bad image,
+    skipped or raised by the ``on_bad_image`` policy rather than by ``on_error``."""
 
 
 @dataclass
@@ -119,8 +131,9 @@ def resolve_inside(root: str | Path, name: str, source: str | Path) -> Path:
     """``root / name`` as an absolute path, refusing names that escape ``root``.
 
     ``name`` comes from an annotation file (``source``), so ``..`` components and absolute paths
-    that leave the image root are rejected. The check is lexical: a symlink the user placed inside
-    the root (e.g. ``images -> /mnt/big``) is followed as usual.
+    that leave the image root are rejected. Symlinked folders the user placed (e.g. ``images ->
+    /mnt/big``) are followed as usual; a symlinked *file* leading outside the root is refused
+    (``backbone.runtime.paths.link_escape``).
     """
     if not name or "\x00" in name:
         raise DatasetError(source, f"empty or invalid image file name {name!r}")
@@ -128,6 +141,10 @@ def resolve_inside(root: str | Path, name: str, source: str | Path) -> Path:
     candidate = os.path.normpath(os.path.join(root_abs, name))
     if os.path.commonpath([root_abs, candidate]) != root_abs:
         raise DatasetError(source, f"file name {name!r} resolves outside the image root {root_abs}")
+    target = link_escape(candidate, root_abs)
+    if target is not None:
+        problem = f"symlink leads outside the image root {root_abs} (to {target}): refused"
+        raise DatasetError(candidate, problem)
     return Path(candidate)
 
 
@@ -139,28 +156,42 @@ class ImageInfo:
 
 
 def read_image_info(path: Path) -> ImageInfo:
-    """True ``(width, height)`` of an image file from its header; decodes only if PIL cannot read it."""
-    if not path.is_file():
-        raise DatasetError(path, "image file not found")
-    events: list[tuple[str, str]] = []
+    """True ``(width, height)`` of an image file from its header; decodes only if PIL cannot read it.
+    ImageFileError (a bad image) when the file is missing, empty, a directory, not an image or too large."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            fmt, mode = image.format, image.mode
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        try:
+        header = read_image_header(path)
+        if header is None:
             decoded = read_image_rgb(path)
-        except ImageDecodeError as err:
-            raise DatasetError(path, err.problem) from err
-        return ImageInfo(int(decoded.shape[1]), int(decoded.shape[0]), ())
+            return ImageInfo(int(decoded.shape[1]), int(decoded.shape[0]), ())
+    except ImageDecodeError as err:
+        if err.problem == "file not found":  # a data set error (on_error), not a bad image
+            raise DatasetError(path, "image file not found") from None
+        raise ImageFileError(path, err.problem) from None
+    events = [(kind, str(path)) for kind in _content_events(path, header.format, header.mode)]
+    if header.format in ("JPEG", "MPO") and _jpeg_end_missing(path):
+        events.append(("jpeg_truncated_kept", str(path)))
+    return ImageInfo(header.width, header.height, tuple(events))
+
+
+def _content_events(path: Path, fmt: str, mode: str) -> list[str]:
     expected = _EXTENSION_FORMATS.get(path.suffix.lower())
+    kinds = []
     if expected is not None and fmt != expected and not (expected == "JPEG" and fmt == "MPO"):
-        events.append(("content_not_extension", str(path)))
+        kinds.append("content_not_extension")
     if mode != "RGB":
-        events.append(("content_not_rgb", str(path)))
-    if width <= 0 or height <= 0:
-        raise DatasetError(path, f"image has no pixels ({width}x{height})")
-    return ImageInfo(int(width), int(height), tuple(events))
+        kinds.append("content_not_rgb")
+    return kinds
+
+
+def _jpeg_end_missing(path: Path) -> bool:
+    """One small read at the file's end: a JPEG cut short has no end marker (``looks_truncated_jpeg``)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+            handle.seek(max(0, os.path.getsize(path) - _JPEG_TAIL))
+            return looks_truncated_jpeg(head + handle.read(_JPEG_TAIL))
+    except OSError:
+        return False
 
 
 def first_listed(keys: Iterable[object], list_file: str | Path, report: LoadReport) -> list[int]:
@@ -246,7 +277,14 @@ def image_size(
     when the size is not ``needed`` (no boxes to clip), else it is an error naming the file.
     """
     if require_images or image_path.is_file():
-        info = read_image_info(image_path)
+        try:
+            info = read_image_info(image_path)
+        except ImageFileError:
+            if require_images or not valid_size(annotated):
+                raise
+            # Scoring needs no pixels: a damaged file is as good as an absent one with a valid size.
+            assert annotated is not None
+            return int(annotated[0]), int(annotated[1]), [("size_from_annotation_bad_image", source)]
         events = [*info.events, *checked_size(annotated, (info.width, info.height), source)]
         return info.width, info.height, events
     if valid_size(annotated):
@@ -259,15 +297,21 @@ def image_size(
 
 
 def map_items(
-    function: Callable[[T], R], items: Iterable[T], workers: int, on_error: OnError
+    function: Callable[[T], R],
+    items: Iterable[T],
+    workers: int,
+    on_error: OnError,
+    on_bad_image: OnBadImage = DEFAULT_ON_BAD_IMAGE,
 ) -> Iterator[tuple[T, R | None, DatasetError | None]]:
     """Apply ``function`` to each item in threads (I/O bound: headers, XML), in input order.
 
-    Yields ``(item, result, None)`` or, with ``on_error="skip"``, ``(item, None, error)``; with
-    ``on_error="raise"`` the first error (in input order) propagates.
+    Yields ``(item, result, None)`` or, for an error that is skipped, ``(item, None, error)``; the
+    first error (in input order) that is not skipped propagates. A bad image (``ImageFileError``)
+    is skipped by ``on_bad_image="skip"``, any other error by ``on_error="skip"``.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    check_on_bad_image(on_bad_image)
 
     def guarded(item: T) -> tuple[R | None, DatasetError | None]:
         try:
@@ -284,7 +328,8 @@ def map_items(
             part = items[begin : begin + batch]
             results = executor.map(guarded, part) if executor is not None else map(guarded, part)
             for item, (result, error) in zip(part, results, strict=True):
-                if error is not None and on_error == "raise":
+                bad_image = isinstance(error, ImageFileError)
+                if error is not None and (on_bad_image if bad_image else on_error) in ("raise", "error"):
                     raise error
                 yield item, result, error
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backbone.bad_images import OnBadImage
 from detect.datasets.common import (
     DatasetError,
     LoadReport,
@@ -122,6 +123,7 @@ def read_ilsvrc_det(
     on_error: OnError = "raise",
     workers: int | None = None,
     require_images: bool = True,
+    on_bad_image: OnBadImage = "skip",
 ) -> tuple[DetectionDataset, LoadReport]:
     """Read ``root/ImageSets/DET/<image_set or split>.txt`` over ``Data/DET/<split>``.
 
@@ -173,7 +175,7 @@ def read_ilsvrc_det(
         return record_from_xml(annotation, image_path, image_id, class_index, require_images, SYNSETS_HINT)
 
     records = []
-    for _, built, error in map_items(build, items, workers or default_workers(), on_error):
+    for _, built, error in map_items(build, items, workers or default_workers(), on_error, on_bad_image):
         if error is not None:
             report.add("skipped", f"{error.path}: {error.problem}")
         else:

@@ -36,8 +36,9 @@ def _data_path(value: str | None) -> Path | None:
     return resolve_data_path(value) if value else None
 
 
-def open_dataset_spec(spec: DatasetSpec) -> tuple[DetectionDataset, LoadReport]:
-    """``open_detection_dataset`` on the spec's paths, each with ``$SHARED_DATA`` expanded."""
+def open_dataset_spec(spec: DatasetSpec, on_bad_image: str = "skip") -> tuple[DetectionDataset, LoadReport]:
+    """``open_detection_dataset`` on the spec's paths, each with ``$SHARED_DATA`` expanded; bad
+    image files follow ``on_bad_image`` (``backbone.bad_images``)."""
     return open_detection_dataset(
         resolve_data_path(spec.path),
         image_set=spec.image_set,
@@ -45,10 +46,13 @@ def open_dataset_spec(spec: DatasetSpec) -> tuple[DetectionDataset, LoadReport]:
         image_root=_data_path(spec.image_root),
         names_file=_data_path(spec.names_file),
         annotations=_data_path(spec.annotations),
+        on_bad_image=on_bad_image,
     )
 
 
-def open_dataset_specs(specs: tuple[DatasetSpec, ...], name: str = "") -> tuple[DetectionDataset, list[str]]:
+def open_dataset_specs(
+    specs: tuple[DatasetSpec, ...], name: str = "", on_bad_image: str = "skip"
+) -> tuple[DetectionDataset, list[str]]:
     """Several entries as one split (e.g. VOC 2007 + 2012 trainval) and a log line per entry.
 
     Class names must agree; image ids are kept when unique across the entries, otherwise the
@@ -59,7 +63,7 @@ def open_dataset_specs(specs: tuple[DatasetSpec, ...], name: str = "") -> tuple[
         raise ValueError("no data set entry given")
     datasets, lines = [], []
     for spec in specs:
-        dataset, report = open_dataset_spec(spec)
+        dataset, report = open_dataset_spec(spec, on_bad_image)
         datasets.append(dataset)
         lines.append(f"{spec.path}: {len(dataset.records)} images")
         lines.extend(report.lines())  # what was fixed or skipped: counts and the first few files

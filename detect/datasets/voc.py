@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backbone.bad_images import OnBadImage
 from detect.datasets.common import (
     IMAGE_SUFFIXES,
     DatasetError,
@@ -151,6 +152,7 @@ def _collect(
     report: LoadReport,
     image_lookup: Callable[[XmlAnnotation], Path] | None,
     require_images: bool = True,
+    on_bad_image: OnBadImage = "skip",
 ) -> tuple[list[DetectionRecord], list[str]]:
     """Parse ``(image_id, xml_path, image_path | None)`` items (image path found by ``image_lookup``
     when None) and build records; class names are discovered (sorted) when not given."""
@@ -181,7 +183,7 @@ def _collect(
         return record_from_xml(annotation, image_path, image_id, class_index, require_images, hint)
 
     records = []
-    for _, built, error in map_items(build, parsed, workers, on_error):
+    for _, built, error in map_items(build, parsed, workers, on_error, on_bad_image):
         if error is not None:
             report.add("skipped", f"{error.path}: {error.problem}")
         else:
@@ -207,6 +209,7 @@ def read_voc(
     on_error: OnError = "raise",
     workers: int | None = None,
     require_images: bool = True,
+    on_bad_image: OnBadImage = "skip",
 ) -> tuple[DetectionDataset, LoadReport]:
     """Read a VOC devkit year directory (``.../VOC2007``) for ``ImageSets/Main/<image_set>.txt``
     (``JPEGImages/`` may be absent when not ``require_images``). ``class_names=None``: the names
@@ -227,7 +230,7 @@ def read_voc(
     ]
     names_in = list(class_names) if class_names is not None else None
     records, names_out = _collect(
-        items, names_in, on_error, workers or default_workers(), report, None, require_images
+        items, names_in, on_error, workers or default_workers(), report, None, require_images, on_bad_image
     )
     return DetectionDataset(records, names_out, list(range(1, len(names_out) + 1)), report.name), report
 
@@ -254,6 +257,7 @@ def read_xml_folder(
     name: str = "",
     require_images: bool = True,
     names_source: str | Path | None = None,
+    on_bad_image: OnBadImage = "skip",
 ) -> tuple[DetectionDataset, LoadReport]:
     """Read images with one VOC XML each.
 
@@ -293,7 +297,7 @@ def read_xml_folder(
             found = resolve_inside(image_dir, annotation.filename, annotation.path)
         if not require_images and (found is None or not found.is_file()):
             return found or resolve_inside(image_dir, f"{annotation.path.stem}.jpg", annotation.path)
-        if found is None or not found.is_file():
+        if found is None or not found.exists():  # a directory there is a bad image: read_image_info says so
             raise DatasetError(annotation.path, f"image for this annotation not found in {image_dir}")
         return found
 
@@ -303,6 +307,13 @@ def read_xml_folder(
             if path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in stems:
                 report.add("image_without_annotation_ignored", path)
     records, class_names = _collect(
-        items, class_names, on_error, workers or default_workers(), report, lookup, require_images
+        items,
+        class_names,
+        on_error,
+        workers or default_workers(),
+        report,
+        lookup,
+        require_images,
+        on_bad_image,
     )
     return DetectionDataset(records, class_names, list(range(1, len(class_names) + 1)), report.name), report

@@ -3,7 +3,8 @@
 Layout of a cache directory::
 
     manifest.json        fingerprint and what went into it, shard size, completeness
-    shard_00000.npz      image_ids, counts, boxes (sum(counts), 4), scores, seconds, fingerprint
+    shard_00000.npz      image_ids, counts, boxes (sum(counts), 4), scores, seconds, fingerprint,
+                         status / status_detail per image ("" , "partial" or "skipped" and why)
 
 The fingerprint hashes the method and all its parameters (the MultiBox file's content, OpenCV's
 version) and the data set (each image's id, path, byte size and modification time). A cache whose
@@ -11,6 +12,11 @@ fingerprint differs from the wanted one is stale: it is reported, deleted and re
 Shards are written atomically (temporary file + rename), so an interrupted run leaves only
 complete shards, and the next run computes just the missing ones. Every shard carries the
 fingerprint too, so a shard left over from another configuration is never mistaken for a valid one.
+
+Bad images follow ``backbone.bad_images`` (``on_bad_image``): under ``skip`` an image that cannot
+be decoded gets no proposals and is recorded in its shard as skipped (a truncated JPEG decoded as far
+as it goes, as partial), so a resumed or later run neither redoes it nor loses the fact;
+``bad_image_events`` lists what a cache recorded, and a reader under ``error`` stops on it.
 
 Images are processed by a pool of worker processes (one per core of this torchrun process); under
 torchrun, shard ``i`` belongs to rank ``i % world_size`` and every rank writes its own shards.
@@ -24,7 +30,7 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +39,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from backbone.bad_images import DEFAULT_ON_BAD_IMAGE, BadImages, Event
 from backbone.runtime.dist import barrier, get_rank, get_world_size
 from backbone.runtime.errors import UserError
 from backbone.runtime.files import atomic_write
 from detect.datasets.records import DetectionRecord
 from detect.proposals.methods import (
+    ImageStatus,
     ProposalMethod,
     UnionMethod,
     init_worker,
@@ -85,6 +93,7 @@ class ProposalSet:
     boxes: list[np.ndarray]
     scores: list[np.ndarray]
     seconds: np.ndarray
+    status: list[ImageStatus] = field(default_factory=list)  # per image; empty: none recorded
 
     def by_image_id(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         return {int(i): (b, s) for i, b, s in zip(self.image_ids, self.boxes, self.scores, strict=True)}
@@ -98,9 +107,14 @@ def shard_path(cache_dir: Path, shard: int) -> Path:
 
 
 def write_shard(
-    path: Path, fingerprint: str, image_ids: np.ndarray, results: list[tuple[np.ndarray, np.ndarray, float]]
+    path: Path,
+    fingerprint: str,
+    image_ids: np.ndarray,
+    results: list[tuple[np.ndarray, np.ndarray, float]],
+    status: list[ImageStatus] | None = None,
 ) -> None:
     counts = np.array([len(b) for b, _, _ in results], dtype=np.int64)
+    status = status or [("", "")] * len(results)
     arrays = {
         "image_ids": np.asarray(image_ids, dtype=np.int64),
         "counts": counts,
@@ -108,6 +122,9 @@ def write_shard(
         "scores": np.concatenate([s for _, s, _ in results]).astype(np.float32),
         "seconds": np.array([t for _, _, t in results], dtype=np.float64),
         "fingerprint": np.array(fingerprint),
+        # Unicode arrays, not objects: still read with allow_pickle=False.
+        "status": np.array([kind for kind, _ in status], dtype=str),
+        "status_detail": np.array([detail for _, detail in status], dtype=str),
     }
     atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
@@ -127,6 +144,19 @@ def read_shard(path: Path, fingerprint: str, image_ids: np.ndarray) -> dict[str,
     if not np.array_equal(arrays.get("image_ids"), image_ids):
         return None
     return arrays
+
+
+def shard_status(arrays: dict[str, np.ndarray]) -> list[ImageStatus]:
+    """Each image's recorded status; shards written before statuses existed hold no bad image."""
+    count = len(arrays["image_ids"])
+    kinds = arrays.get("status", np.full(count, ""))
+    details = arrays.get("status_detail", np.full(count, ""))
+    return [(str(k), str(d)) for k, d in zip(kinds, details, strict=True)]
+
+
+def bad_image_events(records: Sequence[DetectionRecord], proposals: ProposalSet) -> list[Event]:
+    """``(kind, file name, detail)`` of every image a cache recorded as skipped or partial."""
+    return [(kind, records[i].file_name, detail) for i, (kind, detail) in enumerate(proposals.status) if kind]
 
 
 # ---- building ---------------------------------------------------------------------------------
@@ -174,13 +204,17 @@ def build_cache(
     workers: int = 1,
     shard_size: int = 16,
     progress: bool = True,
+    on_bad_image: str = DEFAULT_ON_BAD_IMAGE,
 ) -> dict[str, Any]:
     """Compute (or complete) the cache of ``method`` over ``records`` in ``cache_dir``.
 
-    Returns a summary: ``computed`` / ``reused`` shard counts of this rank. Collective under
+    Returns a summary: ``computed`` / ``reused`` shard counts of this rank and ``bad_images``, the
+    events (``bad_image_events``) the whole cache records. A bad image follows ``on_bad_image``:
+    recorded as skipped (each one logged when met), or BadImageError at once. Collective under
     torchrun: every rank must call it with the same arguments.
     """
     cache_dir = Path(cache_dir)
+    bad = BadImages(on_bad_image, f"proposals {cache_dir.name}")
     fingerprint, parts = cache_fingerprint(records, method)
     ranges = _shard_ranges(len(records), shard_size)
     manifest = {
@@ -204,21 +238,29 @@ def build_cache(
     if isinstance(method, UnionMethod):
         _build_union_shards(records, method, cache_dir, fingerprint, ranges, todo)
     else:
-        _build_shards(records, method, cache_dir, fingerprint, ranges, todo, workers, progress)
+        _build_shards(records, method, cache_dir, fingerprint, ranges, todo, workers, progress, bad)
     barrier()
     # Every rank checks (and fails) alike, so no rank is left waiting at a barrier.
-    missing = [
-        s for s, r in enumerate(ranges) if read_shard(shard_path(cache_dir, s), fingerprint, ids[r]) is None
-    ]
+    missing, events = [], []
+    for s, r in enumerate(ranges):
+        arrays = read_shard(shard_path(cache_dir, s), fingerprint, ids[r])
+        if arrays is None:
+            missing.append(s)
+            continue
+        status = shard_status(arrays)
+        events += [(kind, records[i].file_name, d) for i, (kind, d) in zip(r, status, strict=True) if kind]
     if missing:
         raise ProposalCacheError(f"{cache_dir}: shards {missing[:5]} missing after the build")
     if rank == 0:
         _write_manifest(cache_dir, {**manifest, "complete": True})
     barrier()
-    return {"computed": len(todo), "reused": len(mine) - len(todo), "fingerprint": fingerprint}
+    summary = {"computed": len(todo), "reused": len(mine) - len(todo), "fingerprint": fingerprint}
+    return summary | {"bad_images": events}
 
 
-def _pool_results(method: ProposalMethod, tasks: list[tuple[int, str]], workers: int) -> Iterator[tuple]:
+def _pool_results(
+    method: ProposalMethod, tasks: list[tuple[int, str, bool]], workers: int
+) -> Iterator[tuple]:
     """Results of ``propose_image`` over ``tasks``, in completion order; in-process for 1 worker."""
     if workers <= 1:
         # In-process: one thread as a pool worker has, then the caller's thread counts back (a
@@ -248,9 +290,10 @@ def _build_shards(
     todo: list[int],
     workers: int,
     progress: bool,
+    bad: BadImages,
 ) -> None:
     shard_of = {i: s for s in todo for i in ranges[s]}
-    tasks = [(i, records[i].file_name) for s in todo for i in ranges[s]]
+    tasks = [(i, records[i].file_name, bad.partial_allowed) for s in todo for i in ranges[s]]
     pending: dict[int, dict[int, tuple]] = {s: {} for s in todo}
     done_images = sum(len(r) for r in ranges) - len(tasks)
     bar = tqdm(
@@ -263,16 +306,20 @@ def _build_shards(
         mininterval=1.0,
     )
     with bar:
-        for index, boxes, scores, seconds, error in _pool_results(method, tasks, workers):
-            if error:
-                raise ProposalCacheError(error)
+        for index, boxes, scores, seconds, status in _pool_results(method, tasks, workers):
+            kind, detail = status
+            if kind == "skipped":
+                bad.skip(records[index].file_name, detail)  # BadImageError under "error"
+            elif kind:
+                bad.add(kind, records[index].file_name, detail)
             shard = shard_of[index]
-            pending[shard][index] = (boxes, scores, seconds)
+            pending[shard][index] = (boxes, scores, seconds, status)
             bar.update(1)
             if len(pending[shard]) == len(ranges[shard]):
-                results = [pending[shard][i] for i in ranges[shard]]
+                done = [pending[shard][i] for i in ranges[shard]]
                 ids = np.array([records[i].image_id for i in ranges[shard]], dtype=np.int64)
-                write_shard(shard_path(cache_dir, shard), fingerprint, ids, results)
+                results = [(b, s, t) for b, s, t, _ in done]
+                write_shard(shard_path(cache_dir, shard), fingerprint, ids, results, [d[3] for d in done])
                 del pending[shard]
 
 
@@ -287,13 +334,16 @@ def _build_union_shards(
     """The union is cheap (one NMS per image): computed in-process from the component caches."""
     components = [load_cache(records, component, directory) for directory, component in method.components]
     for shard in todo:
-        results = []
+        results, status = [], []
         for i in ranges[shard]:
             parts = [(c.boxes[i], c.scores[i]) for c in components]
             boxes, scores = union_proposals(parts, method.dedup_iou)
             results.append((boxes, scores, float(sum(c.seconds[i] for c in components))))
+            # The components decoded the same file: the union keeps the worst of their statuses.
+            recorded = [c.status[i] for c in components if c.status and c.status[i][0]]
+            status.append(min(recorded, key=lambda s: s[0] != "skipped") if recorded else ("", ""))
         ids = np.array([records[i].image_id for i in ranges[shard]], dtype=np.int64)
-        write_shard(shard_path(cache_dir, shard), fingerprint, ids, results)
+        write_shard(shard_path(cache_dir, shard), fingerprint, ids, results, status)
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -342,6 +392,7 @@ def _read_shards(
     boxes: list[np.ndarray] = []
     scores: list[np.ndarray] = []
     seconds: list[np.ndarray] = []
+    status: list[ImageStatus] = []
     ids = np.array([r.image_id for r in records], dtype=np.int64)
     for shard, indices in enumerate(_shard_ranges(len(records), manifest["shard_size"])):
         arrays = read_shard(shard_path(cache_dir, shard), fingerprint, ids[indices])
@@ -351,4 +402,5 @@ def _read_shards(
         boxes += [arrays["boxes"][a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         scores += [arrays["scores"][a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         seconds.append(arrays["seconds"])
-    return ProposalSet(ids, boxes, scores, np.concatenate(seconds) if seconds else np.zeros(0))
+        status += shard_status(arrays)
+    return ProposalSet(ids, boxes, scores, np.concatenate(seconds) if seconds else np.zeros(0), status)

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from backbone.image_io import ImageDecodeError, read_image_rgb
+from backbone.image_io import ImageDecodeError, decode_image
 from detect.boxes import nms
 from detect.proposals.selective_search import SelectiveSearchSettings, selective_search
 
@@ -147,17 +147,22 @@ def init_worker(method: SelectiveSearchMethod | MultiBoxMethod, threads: int = 1
     _PROPOSER[:] = [build_proposer(method, threads)]
 
 
-def propose_image(task: tuple[int, str]) -> tuple[int, np.ndarray, np.ndarray, float, str]:
-    """``(index, file_name)`` -> ``(index, boxes, scores, seconds, error)``; ``error`` is "" or the
-    one-line reason the image could not be processed (the caller decides how to report it)."""
-    index, file_name = task
+ImageStatus = tuple[str, str]  # ("", "") decoded whole, ("partial", what) or ("skipped", problem)
+
+
+def propose_image(task: tuple[int, str, bool]) -> tuple[int, np.ndarray, np.ndarray, float, ImageStatus]:
+    """``(index, file_name, partial)`` -> ``(index, boxes, scores, seconds, status)``. A truncated
+    JPEG is decoded as far as it goes when ``partial`` (status "partial"); an image that cannot be
+    decoded gets no boxes and status ("skipped", problem): the caller applies the bad-image policy."""
+    index, file_name, partial = task
     start = time.perf_counter()
     try:
-        image = read_image_rgb(file_name)
+        decoded = decode_image(file_name, partial=partial)
     except ImageDecodeError as err:
-        return index, np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.0, str(err)
-    boxes, scores = _PROPOSER[0](image)
-    return index, boxes, scores, time.perf_counter() - start, ""
+        return index, np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.0, ("skipped", err.problem)
+    boxes, scores = _PROPOSER[0](decoded.image)
+    status = ("partial", decoded.partial) if decoded.partial else ("", "")
+    return index, boxes, scores, time.perf_counter() - start, status
 
 
 def cores_per_rank() -> int:

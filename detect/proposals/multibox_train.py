@@ -43,7 +43,8 @@ def load_records(specs: Sequence[DatasetSpec]) -> list[DetectionRecord]:
     records: list[DetectionRecord] = []
     for spec in specs:
         dataset, report = open_dataset_spec(spec)
-        logger.info("%s: %d images; %s", spec.path, len(dataset.records), report)
+        logger.info("%s: %d images", spec.path, len(dataset.records))
+        report.log(logger)  # what was fixed, kept or skipped, naming the first few files
         records.extend(dataset.records)
     if len({record.image_id for record in records}) < len(records):
         records = [dataclasses.replace(record, image_id=i + 1) for i, record in enumerate(records)]

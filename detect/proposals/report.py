@@ -113,14 +113,19 @@ def plot_recall_curves(results: Mapping[str, Mapping[str, Any]], path: str | Pat
 
 
 def write_report(
-    results: Mapping[str, Mapping[str, Any]], out_dir: str | Path, title: str, extra: dict
+    results: Mapping[str, Mapping[str, Any]],
+    out_dir: str | Path,
+    title: str,
+    extra: dict,
+    notes: Sequence[str] = (),
 ) -> str:
-    """``report.txt``, ``report.json`` and ``recall_curves.png`` in ``out_dir``; returns the table."""
+    """``report.txt``, ``report.json`` and ``recall_curves.png`` in ``out_dir``; returns the table
+    (with ``notes``, e.g. why a method is missing, one ``note:`` line each under it)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = format_table(results, title)
+    table = "\n".join([format_table(results, title), *(f"note: {note}" for note in notes)])
     (out_dir / "report.txt").write_text(table + "\n", encoding="utf-8")
-    payload = {"title": title, **extra, "methods": results}
+    payload = {"title": title, **extra, "notes": list(notes), "methods": results}
     (out_dir / "report.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     plot_recall_curves(results, out_dir / "recall_curves.png", title)
     return table

@@ -11,11 +11,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from backbone.bad_images import BadImages
 from backbone.runtime.config import config_from_dict
 from backbone.runtime.dist import any_rank
 from backbone.runtime.paths import resolve_data_path
 from detect.datasets.records import DetectionRecord
-from detect.proposals.cache import MANIFEST, ProposalCacheError, ProposalSet, build_cache, load_cache
+from detect.proposals.cache import (
+    MANIFEST,
+    ProposalCacheError,
+    ProposalSet,
+    bad_image_events,
+    build_cache,
+    load_cache,
+)
 from detect.proposals.methods import (
     MultiBoxMethod,
     ProposalMethod,
@@ -149,11 +157,14 @@ def ensure_proposals(
     split: str,
     *,
     progress: bool = True,
+    on_bad_image: str = "skip",
 ) -> tuple[ProposalSet, dict[str, Any]]:
     """The configured method's proposals for ``records``: read from its cache, or built (every
     planned cache, as propose.py would) when there is none. A cache of other images or settings,
     or an interrupted one, is refused with one line saying which directory to delete so that the
-    next run rebuilds it (never replaced behind the user's back: other runs may read it)."""
+    next run rebuilds it (never replaced behind the user's back: other runs may read it).
+    Images the cache records as skipped or partial are summarised in the log, or, under
+    ``on_bad_image="error"``, stop the run with one line (``backbone.bad_images``)."""
     try:
         plan = plan_caches(spec, name, split)
     except ValueError as err:
@@ -170,10 +181,14 @@ def ensure_proposals(
                 workers=spec.workers or cores_per_rank(),
                 shard_size=spec.shard_size,
                 progress=progress,
+                on_bad_image=on_bad_image,
             )
     try:
         proposals = load_cache(records, method, directory)
     except ProposalCacheError as err:
         problem = str(err).split("; ")[0]
         raise ProposalCacheError(f"{problem}; delete {directory} and run again to rebuild it") from None
+    bad = BadImages(on_bad_image, f"proposals {name}/{split}")
+    bad.merge(bad_image_events(records, proposals))  # BadImageError under "error"
+    bad.log_summary()
     return proposals, method_description(spec, directory, method)

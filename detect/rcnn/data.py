@@ -2,7 +2,9 @@
 
 Images are decoded at reduced size (shorter side ``shorter_side``, never upscaled), either once
 into RAM (``DecodedImageCache``, small sets) or per sample from disk (ILSVRC-sized sets); boxes are
-scaled to match. A training sample is one image with ``regions_per_image`` sampled regions
+scaled to match. Bad images follow ``on_bad_image`` (``backbone.bad_images``): a skipped one
+gives an empty training sample or no scoring sample (its objects count as missed), named in the
+log. A training sample is one image with ``regions_per_image`` sampled regions
 (R-CNN's 32 foreground / 96 background over the images of a batch), flipped and colour-jittered
 with albumentations; a scoring sample is one image with all of its proposals.
 """
@@ -19,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from backbone.bad_images import DEFAULT_ON_BAD_IMAGE, BadImages
 from backbone.image_cache import DecodedImageCache, shrink_to_shorter_side
-from backbone.image_io import ImageDecodeError, read_image_rgb
 from backbone.transforms import image_to_tensor
 from detect.datasets.records import DetectionRecord
 from detect.rcnn.regions import label_proposals, sample_regions
@@ -31,23 +33,31 @@ logger = logging.getLogger(__name__)
 class ImageSource:
     """Decoded, downscaled images by record index: cached in RAM or read on demand."""
 
-    def __init__(self, records: Sequence[DetectionRecord], shorter_side: int, in_memory: bool) -> None:
+    def __init__(
+        self,
+        records: Sequence[DetectionRecord],
+        shorter_side: int,
+        in_memory: bool,
+        on_bad_image: str = DEFAULT_ON_BAD_IMAGE,
+    ) -> None:
         self.paths = [r.file_name for r in records]
         self.shorter_side = shorter_side
-        self.cache = DecodedImageCache.build(self.paths, shorter_side) if in_memory else None
+        # This process's tally: loader workers log what they skip themselves, once per file.
+        self.bad_images = BadImages(on_bad_image, "images")
+        self.cache = None
+        if in_memory:
+            self.cache = DecodedImageCache.build(self.paths, shorter_side, bad_images=self.bad_images)
+            self.bad_images.log_summary(logger)
         kept = self.cache.kept_indices if self.cache is not None else None
         self.position = {index: pos for pos, index in enumerate(kept)} if kept is not None else None
 
     def __call__(self, index: int) -> np.ndarray | None:
-        """The image of record ``index``, or None when it cannot be decoded (logged by the caller)."""
+        """The image of record ``index``, or None when it is skipped (BadImageError under "error")."""
         if self.position is not None:
             pos = self.position.get(index)
             return None if pos is None else self.cache[pos]
-        try:
-            return shrink_to_shorter_side(read_image_rgb(self.paths[index]), self.shorter_side)
-        except ImageDecodeError as err:
-            logger.warning("skipped undecodable image %s (%s)", err.path, err.problem)
-            return None
+        image = self.bad_images.read(self.paths[index])
+        return None if image is None else shrink_to_shorter_side(image, self.shorter_side)
 
 
 def scale_to_image(
@@ -90,6 +100,7 @@ class RegionTrainDataset(Dataset):
         in_memory: bool = True,
         flip: bool = True,
         color_jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.02),
+        on_bad_image: str = DEFAULT_ON_BAD_IMAGE,
     ) -> None:
         self.records = list(records)
         self.proposals = list(proposals)
@@ -98,7 +109,7 @@ class RegionTrainDataset(Dataset):
         self.fg_fraction = fg_fraction
         self.fg_iou = fg_iou
         self.bg_iou = bg_iou
-        self.images = ImageSource(self.records, shorter_side, in_memory)
+        self.images = ImageSource(self.records, shorter_side, in_memory, on_bad_image)
         steps = [A.HorizontalFlip(p=0.5)] if flip else []
         if any(color_jitter):
             b, c, s, h = color_jitter
@@ -147,10 +158,11 @@ class RegionScoringDataset(Dataset):
         proposals: Sequence[np.ndarray],
         shorter_side: int = 480,
         in_memory: bool = False,
+        on_bad_image: str = DEFAULT_ON_BAD_IMAGE,
     ) -> None:
         self.records = list(records)
         self.proposals = list(proposals)
-        self.images = ImageSource(self.records, shorter_side, in_memory)
+        self.images = ImageSource(self.records, shorter_side, in_memory, on_bad_image)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -47,8 +47,10 @@ def load_split(
     synthetic_images: int = 48,
     synthetic_image_size: int = 160,
     seed: int = 0,
+    on_bad_image: str = "skip",
 ) -> DetectionSplit:
-    """The entries ``specs`` as one split; none: the built-in synthetic scenes of ``split``."""
+    """The entries ``specs`` as one split; none: the built-in synthetic scenes of ``split``. Bad
+    image files are skipped (named in the log) or, under ``on_bad_image="error"``, an error."""
     if not specs:
         dataset = build_synthetic_detection_dataset(
             synthetic_root, split, num_images=synthetic_images, image_size=synthetic_image_size, seed=seed
@@ -56,7 +58,7 @@ def load_split(
         logger.info("%s: %d synthetic scenes under %s", split, len(dataset.records), synthetic_root)
         return DetectionSplit(dataset, split)
     try:
-        dataset, lines = open_dataset_specs(tuple(specs), name=split)
+        dataset, lines = open_dataset_specs(tuple(specs), name=split, on_bad_image=on_bad_image)
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err).splitlines()[0]) from None
     for line in lines:
@@ -65,10 +67,14 @@ def load_split(
 
 
 def split_proposals(
-    split: DetectionSplit, spec: ProposalSpec, name: str, progress: bool = True
+    split: DetectionSplit, spec: ProposalSpec, name: str, progress: bool = True, on_bad_image: str = "skip"
 ) -> tuple[list[np.ndarray], dict]:
-    """The split's proposal boxes per record (building a missing cache) and the method's settings."""
-    proposals, method = ensure_proposals(split.dataset.records, spec, name, split.split, progress=progress)
+    """The split's proposal boxes per record (building a missing cache) and the method's settings;
+    the images the cache skipped are named in the log (an error under ``on_bad_image="error"``)."""
+    records = split.dataset.records
+    proposals, method = ensure_proposals(
+        records, spec, name, split.split, progress=progress, on_bad_image=on_bad_image
+    )
     counts = [len(b) for b in proposals.boxes]
     empty = sum(c == 0 for c in counts)
     logger.info(
@@ -96,8 +102,10 @@ def evaluate_detector(
     predictions, skipped = inference_on_dataset(models, dataset, settings, workers=workers, progress=progress)
     total_skipped = count_skipped(skipped)
     if total_skipped:
+        names = [split.dataset.records[i].file_name for i in skipped]  # this rank's
+        shown = ", ".join(names[:5]) + (f", and {len(names) - 5} more" if len(names) > 5 else "")
         logger.warning(
-            "%s: %d undecodable images skipped (their objects count as missed)", split.split, total_skipped
+            "%s: %d images skipped (their objects count as missed): %s", split.split, total_skipped, shown
         )
     results, gathered = {}, {}
     for name, variant_predictions in predictions.items():
