@@ -69,10 +69,12 @@ def test_every_format_decodes_and_bad_files_are_replaced_and_logged(tmp_path, ca
             assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
             heights[Path(path).name] = image.shape[0]
     assert heights["png_as_jpg.jpg"] == 20 and heights["palette.png"] == 23 and heights["b0_cmyk.jpg"] == 24
-    # The truncated and the empty file are each replaced by the next decodable sample (b3_plain).
-    assert heights["b1_truncated.jpg"] == heights["b2_empty.jpg"] == 25
-    assert set(dataset.skipped) == {str(files["truncated"]), str(files["empty"])}
-    assert str(files["empty"]) in caplog.text and "2 skipped so far" in caplog.text
+    # The truncated JPEG decodes as far as its data goes (its own 26 rows, the rest grey); the empty
+    # file is replaced by the next decodable sample (b3_plain).
+    assert heights["b1_truncated.jpg"] == 26 and heights["b2_empty.jpg"] == 25
+    assert set(dataset.skipped) == {str(files["empty"])}
+    assert set(dataset.bad_images.files("partial")) == {str(files["truncated"])}
+    assert str(files["empty"]) in caplog.text and "1 so far" in caplog.text
     rgba = dataset[[Path(p).name for p, _ in samples].index("rgba.png")][0]
     assert rgba.shape == (21, 30, 3)
 
@@ -80,15 +82,15 @@ def test_every_format_decodes_and_bad_files_are_replaced_and_logged(tmp_path, ca
 def test_strict_mode_raises_one_line_naming_the_file_also_from_a_worker(tmp_path):
     files = make_dirty_tree(tmp_path)
     samples, class_names = scan_class_folders(tmp_path)
-    dataset = ImageClassificationDataset(samples, class_names, strict=True)
+    dataset = ImageClassificationDataset(samples, class_names, on_bad_image="error")
     empty_index = [Path(p) for p, _ in samples].index(files["empty"])
     with pytest.raises(CorruptImageError) as info:
         dataset[empty_index]
-    assert str(info.value) == f"{files['empty']}: file is empty"
+    assert str(info.value) == f"{files['empty']}: file is empty (zero bytes)"
     batches = iter(DataLoader(torch.utils.data.Subset(dataset, [empty_index]), batch_size=1, num_workers=1))
     with pytest.raises(CorruptImageError) as info:
         next(batches)
-    assert str(info.value) == f"{files['empty']}: file is empty"  # not torch's multi-line wrapper
+    assert str(info.value) == f"{files['empty']}: file is empty (zero bytes)"  # not torch's wrapper
     del batches, info  # stop the worker now rather than at garbage collection
 
 
@@ -99,15 +101,17 @@ def test_cache_drops_bad_files_up_front_and_serves_reduced_images(tmp_path, capl
         train, val, names = build_classification_datasets(
             tmp_path / "data", 16, val_fraction=0.3, cache=True, train_transform=None, val_transform=None
         )
-    assert len(train) + len(val) == 7  # 9 files, 2 undecodable dropped
-    assert caplog.text.count("skipped undecodable image") == 2
+    assert len(train) + len(val) == 8  # 9 files, the empty one dropped (the truncated one decodes in part)
+    assert "1 image skipped: " in caplog.text and "b2_empty.jpg (file is empty" in caplog.text
     paths = [p for p, _ in train.samples + val.samples]
-    assert not any("truncated" in p or "empty" in p for p in paths)
+    assert not any("empty" in p for p in paths) and any("truncated" in p for p in paths)
     dataset = train if str(big) in [p for p, _ in train.samples] else val
     image = dataset.load_image([p for p, _ in dataset.samples].index(str(big)))
     assert image.shape == (18, 27, 3)  # shorter side cut to round(16 x 1.15) = 18, never upscaled
-    with pytest.raises(CorruptImageError, match=r"b1_truncated.jpg: not a decodable image"):
-        build_classification_datasets(tmp_path / "data", 16, val_fraction=0.3, cache=True, strict=True)
+    with pytest.raises(CorruptImageError, match=r"b1_truncated.jpg: truncated JPEG"):
+        build_classification_datasets(
+            tmp_path / "data", 16, val_fraction=0.3, cache=True, on_bad_image="error"
+        )
 
 
 def test_stratified_split_is_deterministic_per_class_and_complete():
