@@ -3,15 +3,22 @@
 The temporary file lives beside the target, is flushed and fsynced, then renamed over it; the
 directory is fsynced so the rename survives a power cut. The result has the mode a plain
 ``open()`` would give (0o666 minus the umask), not ``mkstemp``'s 0600.
+
+A failed write (disk full, no permission, ...) removes the temporary and raises a one-line
+:class:`~backbone.runtime.errors.WriteError` naming the file; the old file is untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from backbone.runtime.errors import WriteError
 
 
 def _umask() -> int:
@@ -20,21 +27,48 @@ def _umask() -> int:
     return mask
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest ancestor of ``path`` that exists and is not a directory, if any."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+@contextlib.contextmanager
+def saving(path: str | Path) -> Iterator[None]:
+    """Turn an OSError raised while saving ``path`` into a one-line WriteError naming it."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        path = Path(path)
+        blocker = _file_in_the_way(path) if isinstance(exc, (FileExistsError, NotADirectoryError)) else None
+        if blocker is not None:
+            reason = f"cannot save, {blocker} is a file, not a directory"
+        else:
+            text = exc.strerror or str(exc) or type(exc).__name__
+            reason = f"{text[0].lower()}{text[1:]} while saving"
+        raise WriteError(f"{path}: {reason}", path=str(path)) from None
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(handle)`` on a temporary file and rename it to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with saving(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:  # some file systems do not open directories
@@ -50,8 +84,28 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch
 
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    # Serialized in memory first: torch.save into a file handle swallows the handle's OSError (disk
+    # full) and raises an unrelated RuntimeError ("unexpected pos ..."); plain writes keep the errno.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append ``text`` whole or not at all: a failed write is cut back, so the file keeps whole lines."""
+    path = Path(path)
+    data = text.encode("utf-8")
+    with saving(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        size = os.fstat(fd).st_size
+        try:
+            with os.fdopen(fd, "ab") as handle:
+                handle.write(data)
+        except OSError:
+            with contextlib.suppress(OSError):  # read_metrics skips a torn last line anyway
+                os.truncate(path, size)
+            raise

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from backbone.runtime.dist import is_main_process
 from backbone.runtime.errors import UserError
+from backbone.runtime.files import append_text, atomic_write, atomic_write_text
 
 T = TypeVar("T")
 logger = logging.getLogger("backbone")
@@ -110,19 +111,17 @@ class MetricsWriter:
         self.path = Path(path)
         if not is_main_process():
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until_step is None:
-            self.path.write_text("", encoding="utf-8")
+            atomic_write_text(self.path, "")
         elif self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_until_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
         if not is_main_process():
             return
         clean = {k: _json_number(v) for k, v in record.items()}
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(clean) + "\n")
+        append_text(self.path, json.dumps(clean) + "\n")
 
 
 def _json_number(value: Any) -> Any:
@@ -181,10 +180,10 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    tmp = Path(png_path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(png_path)
+    try:
+        atomic_write(png_path, lambda handle: fig.savefig(handle, format="png", dpi=90))
+    finally:
+        plt.close(fig)
 
 
 def _is_number(value: Any) -> bool:

@@ -25,8 +25,8 @@ from torch import nn
 
 from backbone.runtime import config as cfglib
 from backbone.runtime.dist import DistInfo, cleanup_distributed, init_distributed, is_main_process
-from backbone.runtime.errors import UserError
-from backbone.runtime.files import atomic_write_text
+from backbone.runtime.errors import UserError, WriteError
+from backbone.runtime.files import atomic_write_text, saving
 from backbone.runtime.log import setup_logging
 from backbone.runtime.paths import default_run_dir
 from backbone.runtime.trainer import CHECKPOINT_NAME, FitResult
@@ -83,7 +83,8 @@ def start_run(
     and device (``init_distributed(device)``), ``threads`` intra-op threads, python / numpy / torch
     seeded with ``seed`` (deterministic algorithms when ``deterministic``, else cudnn.benchmark on
     CUDA), then on rank 0 the run directory with the resolved ``cfg`` in ``config.yaml``, logging
-    to ``log.txt`` and one line naming the directory, process count and device. ``args`` is what
+    to ``log.txt`` and one line naming the directory, process count and device. A failed
+    save (WriteError) is re-raised naming the checkpoint that still loads. ``args`` is what
     ``config.add_run_args`` parses (.config, .out, .resume, .overwrite, .max_steps); ``tool`` names
     the default directory ``runs/<tool>`` when there is no config file.
     """
@@ -94,13 +95,28 @@ def start_run(
             torch.set_num_threads(threads)
         seed_everything(seed, deterministic)
         if is_main_process():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfglib.dump_config(cfg, run_dir / "config.yaml")
-        setup_logging(run_dir)
+            with saving(run_dir / "config.yaml"):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                cfglib.dump_config(cfg, run_dir / "config.yaml")
+        with saving(run_dir / "log.txt"):
+            setup_logging(run_dir)
         logger.info("run directory %s; %d process(es) on %s", run_dir, info.world_size, info.device)
-        yield Run(run_dir, info, info.device)
+        try:
+            yield Run(run_dir, info, info.device)
+        except WriteError as exc:
+            raise _name_last_checkpoint(exc, run_dir / CHECKPOINT_NAME) from None
     finally:
         cleanup_distributed()
+
+
+def _name_last_checkpoint(error: WriteError, checkpoint: Path) -> WriteError:
+    """Add to a failed save where the last good state is: atomic writes leave the previous file whole."""
+    if not checkpoint.is_file():
+        note = "no checkpoint was saved yet"
+    else:
+        which = "the previous checkpoint" if Path(error.path) == checkpoint else "the checkpoint"
+        note = f"{which} {checkpoint} still loads (--resume continues from it)"
+    return WriteError(f"{error}; {note}", path=error.path)
 
 
 def wrap_ddp(model: nn.Module, run: Run) -> nn.Module:
