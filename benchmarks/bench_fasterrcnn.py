@@ -348,7 +348,7 @@ def evaluate_ours(
         t["max_per_image"],
         precision=t.get("precision", "fp32"),
     )
-    scoring = RegionScoringDataset(records, list(proposals.boxes), data["shorter_side"])
+    scoring = RegionScoringDataset(records, proposals.boxes, data["shorter_side"])
     start = time.perf_counter()
     predictions = inference_on_dataset(models, scoring, settings, progress=False)[0]["final"]
     scoring_s = (time.perf_counter() - start) / max(len(predictions), 1)

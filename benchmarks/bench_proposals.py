@@ -45,7 +45,7 @@ def timed_build(records, method, workers: int) -> tuple[float, list[np.ndarray],
         build_cache(records, method, Path(tmp) / "cache", workers=workers, shard_size=4, progress=False)
         seconds = time.perf_counter() - start
         loaded = load_cache(records, method, Path(tmp) / "cache")
-        return seconds, loaded.boxes, float(loaded.seconds.sum())
+        return seconds, list(loaded.boxes), float(loaded.seconds.sum())  # read before tmp goes
 
 
 def main(args: argparse.Namespace) -> int:

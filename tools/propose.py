@@ -33,10 +33,11 @@ from backbone.runtime.log import run_tool, setup_logging
 from backbone.runtime.paths import default_run_dir, resolve_data_path
 from detect.datasets import DetectionDataset
 from detect.datasets.spec import DatasetSpec, open_dataset_spec
-from detect.proposals.cache import ProposalSet, build_cache, load_cache
+from detect.proposals.cache import build_cache, load_cache
 from detect.proposals.methods import ProposalMethod, cores_per_rank
 from detect.proposals.report import coverage_stats, write_report
 from detect.proposals.selective_search import filter_ranked_boxes
+from detect.proposals.shards import LazyProposals
 from detect.proposals.spec import ProposalSpec, plan_caches
 
 logger = logging.getLogger("propose")
@@ -80,11 +81,11 @@ def load_split(cfg: ProposeConfig, split: str) -> DetectionDataset:
     return dataset
 
 
-def report_rows(records, sets: dict[str, ProposalSet], baseline: str, dedup_iou: float) -> dict[str, dict]:
+def report_rows(records, sets: dict[str, LazyProposals], baseline: str, dedup_iou: float) -> dict[str, dict]:
     rows = {name: coverage_stats(records, s.boxes, s.seconds) for name, s in sets.items()}
     # Fairness check: the union removes near-duplicates, so show the baseline with the same removal.
     base = sets[baseline]
-    deduped = [b[filter_ranked_boxes(b, 0.0, dedup_iou, None)] for b in base.boxes]
+    deduped = (b[filter_ranked_boxes(b, 0.0, dedup_iou, None)] for b in base.boxes)  # one image at a time
     rows[f"{baseline} (dedup {dedup_iou:g}, reference)"] = coverage_stats(records, deduped, base.seconds)
     return rows
 
@@ -133,7 +134,7 @@ def propose(cfg: ProposeConfig, args: argparse.Namespace, world_size: int) -> in
     dataset = load_split(cfg, args.split)
     workers = cfg.workers or cores_per_rank()
     logger.info("%d process(es) x %d worker(s); caches under %s", world_size, workers, split_dir)
-    sets: dict[str, ProposalSet] = {}
+    sets: dict[str, LazyProposals] = {}
     for name, (directory, method) in caches.items():
         summary = build_cache(
             dataset.records,

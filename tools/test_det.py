@@ -201,7 +201,7 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
             "images": len(dataset),
             "seconds": seconds,
             "seconds_per_image": seconds / max(len(dataset), 1),
-            "proposals_per_image": sum(len(b) for b in boxes) / max(len(boxes), 1),
+            "proposals_per_image": float(boxes.counts.sum()) / max(len(boxes), 1),
             "models": [str(p) for p in args.checkpoint],
         }
         atomic_write_text(out / "timing.json", json.dumps(timing, indent=2) + "\n")

@@ -12,6 +12,8 @@ fingerprint differs from the wanted one is stale: it is reported, deleted and re
 Shards are written atomically (temporary file + rename), so an interrupted run leaves only
 complete shards, and the next run computes just the missing ones. Every shard carries the
 fingerprint too, so a shard left over from another configuration is never mistaken for a valid one.
+Reading (``load_cache``, ``read_cache``) checks every shard's fingerprint and images but leaves the
+proposals on disk: ``detect.proposals.shards.LazyProposals`` reads one image's when asked.
 
 Bad images follow ``backbone.bad_images`` (``on_bad_image``): under ``skip`` an image that cannot
 be decoded gets no proposals and is recorded in its shard as skipped (a truncated JPEG decoded as far
@@ -30,7 +32,6 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,8 @@ from tqdm import tqdm
 
 from backbone.bad_images import DEFAULT_ON_BAD_IMAGE, BadImages, Event
 from backbone.runtime.dist import barrier, get_rank, get_world_size
-from backbone.runtime.errors import UserError
-from backbone.runtime.files import atomic_write
 from detect.datasets.records import DetectionRecord
 from detect.proposals.methods import (
-    ImageStatus,
     ProposalMethod,
     UnionMethod,
     init_worker,
@@ -53,16 +51,21 @@ from detect.proposals.methods import (
     propose_image,
     union_proposals,
 )
+from detect.proposals.shards import (
+    LazyProposals,
+    ProposalCacheError,
+    ShardIndex,
+    read_shard,
+    shard_path,
+    shard_status,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RERUN = "build it with tools/propose.py"
-
-
-class ProposalCacheError(UserError, ValueError):
-    """A cache that cannot be used (stale, incomplete, unreadable) or an image that failed; one line."""
 
 
 def dataset_fingerprint(records: Sequence[DetectionRecord]) -> str:
@@ -85,76 +88,7 @@ def cache_fingerprint(records: Sequence[DetectionRecord], method: ProposalMethod
     return hashlib.sha256(text.encode()).hexdigest(), parts
 
 
-@dataclass
-class ProposalSet:
-    """Proposals aligned with a record list: ranked boxes (pixel xyxy), scores, seconds per image."""
-
-    image_ids: np.ndarray
-    boxes: list[np.ndarray]
-    scores: list[np.ndarray]
-    seconds: np.ndarray
-    status: list[ImageStatus] = field(default_factory=list)  # per image; empty: none recorded
-
-    def by_image_id(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        return {int(i): (b, s) for i, b, s in zip(self.image_ids, self.boxes, self.scores, strict=True)}
-
-
-# ---- shard files ------------------------------------------------------------------------------
-
-
-def shard_path(cache_dir: Path, shard: int) -> Path:
-    return cache_dir / f"shard_{shard:05d}.npz"
-
-
-def write_shard(
-    path: Path,
-    fingerprint: str,
-    image_ids: np.ndarray,
-    results: list[tuple[np.ndarray, np.ndarray, float]],
-    status: list[ImageStatus] | None = None,
-) -> None:
-    counts = np.array([len(b) for b, _, _ in results], dtype=np.int64)
-    status = status or [("", "")] * len(results)
-    arrays = {
-        "image_ids": np.asarray(image_ids, dtype=np.int64),
-        "counts": counts,
-        "boxes": np.concatenate([b for b, _, _ in results]).astype(np.float32).reshape(-1, 4),
-        "scores": np.concatenate([s for _, s, _ in results]).astype(np.float32),
-        "seconds": np.array([t for _, _, t in results], dtype=np.float64),
-        "fingerprint": np.array(fingerprint),
-        # Unicode arrays, not objects: still read with allow_pickle=False.
-        "status": np.array([kind for kind, _ in status], dtype=str),
-        "status_detail": np.array([detail for _, detail in status], dtype=str),
-    }
-    atomic_write(path, lambda handle: np.savez(handle, **arrays))
-
-
-def read_shard(path: Path, fingerprint: str, image_ids: np.ndarray) -> dict[str, np.ndarray] | None:
-    """The shard's arrays if it exists and belongs to this fingerprint and these images, else None."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as err:
-        log.warning("%s: unreadable shard (%s), recomputing it", path, err)
-        return None
-    if str(arrays.get("fingerprint")) != fingerprint:
-        return None
-    if not np.array_equal(arrays.get("image_ids"), image_ids):
-        return None
-    return arrays
-
-
-def shard_status(arrays: dict[str, np.ndarray]) -> list[ImageStatus]:
-    """Each image's recorded status; shards written before statuses existed hold no bad image."""
-    count = len(arrays["image_ids"])
-    kinds = arrays.get("status", np.full(count, ""))
-    details = arrays.get("status_detail", np.full(count, ""))
-    return [(str(k), str(d)) for k, d in zip(kinds, details, strict=True)]
-
-
-def bad_image_events(records: Sequence[DetectionRecord], proposals: ProposalSet) -> list[Event]:
+def bad_image_events(records: Sequence[DetectionRecord], proposals: LazyProposals) -> list[Event]:
     """``(kind, file name, detail)`` of every image a cache recorded as skipped or partial."""
     return [(kind, records[i].file_name, detail) for i, (kind, detail) in enumerate(proposals.status) if kind]
 
@@ -243,11 +177,11 @@ def build_cache(
     # Every rank checks (and fails) alike, so no rank is left waiting at a barrier.
     missing, events = [], []
     for s, r in enumerate(ranges):
-        arrays = read_shard(shard_path(cache_dir, s), fingerprint, ids[r])
-        if arrays is None:
+        index = read_shard(shard_path(cache_dir, s), fingerprint, ids[r])
+        if index is None:
             missing.append(s)
             continue
-        status = shard_status(arrays)
+        status = shard_status(index.arrays)
         events += [(kind, records[i].file_name, d) for i, (kind, d) in zip(r, status, strict=True) if kind]
     if missing:
         raise ProposalCacheError(f"{cache_dir}: shards {missing[:5]} missing after the build")
@@ -336,7 +270,7 @@ def _build_union_shards(
     for shard in todo:
         results, status = [], []
         for i in ranges[shard]:
-            parts = [(c.boxes[i], c.scores[i]) for c in components]
+            parts = [c[i] for c in components]
             boxes, scores = union_proposals(parts, method.dedup_iou)
             results.append((boxes, scores, float(sum(c.seconds[i] for c in components))))
             # The components decoded the same file: the union keeps the worst of their statuses.
@@ -351,7 +285,7 @@ def _build_union_shards(
 
 def read_cache(
     records: Sequence[DetectionRecord], cache_dir: str | Path
-) -> tuple[ProposalSet, dict[str, Any]]:
+) -> tuple[LazyProposals, dict[str, Any]]:
     """Read whatever method a complete cache holds (for consumers such as train_det that point at a
     cache built by tools/propose.py), checking that it was built from exactly these images.
 
@@ -369,7 +303,7 @@ def read_cache(
 
 def load_cache(
     records: Sequence[DetectionRecord], method: ProposalMethod, cache_dir: str | Path
-) -> ProposalSet:
+) -> LazyProposals:
     """Read a complete cache of ``method`` over ``records``; ProposalCacheError if it is missing,
     incomplete or stale (it is never returned silently out of date)."""
     cache_dir = Path(cache_dir)
@@ -385,22 +319,15 @@ def load_cache(
 
 def _read_shards(
     records: Sequence[DetectionRecord], cache_dir: Path, manifest: dict[str, Any]
-) -> ProposalSet:
+) -> LazyProposals:
+    """Every shard validated (its per-image arrays read), none of their proposals."""
     if not manifest.get("complete"):
         raise ProposalCacheError(f"{cache_dir}: proposal cache incomplete (interrupted?); {RERUN}")
-    fingerprint = manifest["fingerprint"]
-    boxes: list[np.ndarray] = []
-    scores: list[np.ndarray] = []
-    seconds: list[np.ndarray] = []
-    status: list[ImageStatus] = []
     ids = np.array([r.image_id for r in records], dtype=np.int64)
+    shards: list[ShardIndex] = []
     for shard, indices in enumerate(_shard_ranges(len(records), manifest["shard_size"])):
-        arrays = read_shard(shard_path(cache_dir, shard), fingerprint, ids[indices])
-        if arrays is None:
+        index = read_shard(shard_path(cache_dir, shard), manifest["fingerprint"], ids[indices])
+        if index is None:
             raise ProposalCacheError(f"{shard_path(cache_dir, shard)}: missing or foreign shard; {RERUN}")
-        offsets = np.concatenate([[0], np.cumsum(arrays["counts"])])
-        boxes += [arrays["boxes"][a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-        scores += [arrays["scores"][a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-        seconds.append(arrays["seconds"])
-        status += shard_status(arrays)
-    return ProposalSet(ids, boxes, scores, np.concatenate(seconds) if seconds else np.zeros(0), status)
+        shards.append(index)
+    return LazyProposals(ids, shards)

@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +40,20 @@ def best_overlaps(gt: np.ndarray, proposals: np.ndarray, counts: Sequence[int]) 
 
 def coverage_stats(
     records: Sequence[DetectionRecord],
-    boxes: Sequence[np.ndarray],
+    boxes: Iterable[np.ndarray],
     seconds: np.ndarray,
     iou_thresholds: Sequence[float] = (0.5, 0.7),
     counts: Sequence[int] = CURVE_COUNTS,
 ) -> dict[str, Any]:
-    """Coverage of ``records``' ground truth by the ranked ``boxes`` (aligned with ``records``)."""
-    all_counts = [*counts, max([len(b) for b in boxes] + [1])]  # the last column: every proposal
-    per_box, labels = [], []
+    """Coverage of ``records``' ground truth by the ranked ``boxes`` (aligned with ``records``), in one
+    pass over them: a cache's proposals are read one image at a time."""
+    all_counts = [*counts, sys.maxsize]  # the last column: every proposal
+    per_box, labels, per_image = [], [], []
     for record, proposals in zip(records, boxes, strict=True):
         keep = ~record.difficult if len(record.difficult) else np.ones(len(record.boxes), bool)
         per_box.append(best_overlaps(record.boxes[keep], proposals, all_counts))
         labels.append(record.labels[keep])
+        per_image.append(len(proposals))
     best = np.concatenate(per_box) if per_box else np.zeros((0, len(all_counts)))
     label = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     final = best[:, -1]
@@ -58,7 +61,7 @@ def coverage_stats(
     stats: dict[str, Any] = {
         "images": len(records),
         "gt_boxes": int(len(final)),
-        "proposals_per_image": float(np.mean([len(b) for b in boxes])) if boxes else 0.0,
+        "proposals_per_image": float(np.mean(per_image)) if per_image else 0.0,
         "seconds_per_image": float(np.mean(seconds)) if len(seconds) else 0.0,
         "mabo": float(np.mean([final[label == c].mean() for c in np.unique(label)])) if len(final) else 0.0,
     }

@@ -19,7 +19,6 @@ from detect.datasets.records import DetectionRecord
 from detect.proposals.cache import (
     MANIFEST,
     ProposalCacheError,
-    ProposalSet,
     bad_image_events,
     build_cache,
     load_cache,
@@ -33,6 +32,7 @@ from detect.proposals.methods import (
     method_summary,
 )
 from detect.proposals.selective_search import ss_settings
+from detect.proposals.shards import LazyProposals
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def ensure_proposals(
     *,
     progress: bool = True,
     on_bad_image: str = "skip",
-) -> tuple[ProposalSet, dict[str, Any]]:
+) -> tuple[LazyProposals, dict[str, Any]]:
     """The configured method's proposals for ``records``: read from its cache, or built (every
     planned cache, as propose.py would) when there is none. A cache of other images or settings,
     or an interrupted one, is refused with one line saying which directory to delete so that the

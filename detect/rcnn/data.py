@@ -103,7 +103,7 @@ class RegionTrainDataset(Dataset):
         on_bad_image: str = DEFAULT_ON_BAD_IMAGE,
     ) -> None:
         self.records = list(records)
-        self.proposals = list(proposals)
+        self.proposals = proposals  # not copied: a cache's proposals are read per image
         self.num_classes = num_classes
         self.regions_per_image = regions_per_image
         self.fg_fraction = fg_fraction
@@ -161,7 +161,7 @@ class RegionScoringDataset(Dataset):
         on_bad_image: str = DEFAULT_ON_BAD_IMAGE,
     ) -> None:
         self.records = list(records)
-        self.proposals = list(proposals)
+        self.proposals = proposals  # not copied: a cache's proposals are read per image
         self.images = ImageSource(self.records, shorter_side, in_memory, on_bad_image)
 
     def __len__(self) -> int:

@@ -18,6 +18,7 @@ from detect.datasets.records import DetectionDataset
 from detect.datasets.spec import DatasetSpec, open_dataset_specs
 from detect.datasets.synthetic import build_synthetic_detection_dataset
 from detect.evaluation import DetectionArrays, DetectionEvalResult, detections_to_coco_results
+from detect.proposals.shards import ProposalColumn
 from detect.proposals.spec import ProposalSpec, ensure_proposals
 from detect.rcnn.data import RegionScoringDataset
 from detect.rcnn.engine import (
@@ -68,22 +69,22 @@ def load_split(
 
 def split_proposals(
     split: DetectionSplit, spec: ProposalSpec, name: str, progress: bool = True, on_bad_image: str = "skip"
-) -> tuple[list[np.ndarray], dict]:
-    """The split's proposal boxes per record (building a missing cache) and the method's settings;
-    the images the cache skipped are named in the log (an error under ``on_bad_image="error"``)."""
+) -> tuple[ProposalColumn, dict]:
+    """The split's proposal boxes per record (building a missing cache), read from the cache per
+    image when indexed, and the method's settings; the images the cache skipped are named in the log
+    (an error under ``on_bad_image="error"``)."""
     records = split.dataset.records
     proposals, method = ensure_proposals(
         records, spec, name, split.split, progress=progress, on_bad_image=on_bad_image
     )
-    counts = [len(b) for b in proposals.boxes]
-    empty = sum(c == 0 for c in counts)
+    counts = proposals.counts
     logger.info(
         "%s proposals: %.1f per image (%d images without any)",
         split.split,
-        float(np.mean(counts or [0])),
-        empty,
+        float(counts.mean()) if len(counts) else 0.0,
+        int((counts == 0).sum()),
     )
-    return list(proposals.boxes), method
+    return proposals.boxes, method
 
 
 def evaluate_detector(
