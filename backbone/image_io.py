@@ -130,9 +130,14 @@ def read_image_header(path: str | Path) -> ImageHeader | None:
 
 
 def looks_truncated_jpeg(data: bytes | np.ndarray) -> bool:
-    """A JPEG without its end marker (trailing zero padding allowed): cut off while written or copied."""
-    head, tail = bytes(data[:2]), bytes(data[-64:]).rstrip(b"\x00")
-    return head == _JPEG_START and not tail.endswith(_JPEG_END)
+    """A JPEG whose last non-zero bytes are not its end marker: cut off while written or copied.
+    Zeros after the marker are padding (copies padded to whole disk blocks have thousands)."""
+    array = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
+    if bytes(array[:2]) != _JPEG_START:
+        return False
+    nonzero = np.flatnonzero(array)
+    end = int(nonzero[-1]) + 1 if len(nonzero) else 0
+    return bytes(array[max(0, end - 2) : end]) != _JPEG_END
 
 
 def decode_image(path: str | Path, partial: bool = True) -> DecodedImage:
@@ -151,17 +156,18 @@ def decode_image(path: str | Path, partial: bool = True) -> DecodedImage:
     flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
     image = cv2.imdecode(data, flags)
     repaired = ""
-    if image is None:
-        if looks_truncated_jpeg(data):
-            if not partial:
-                raise ImageDecodeError(path, "truncated JPEG (the data ends before the end marker)")
+    if looks_truncated_jpeg(data):  # decoded or not: zeros after the cut decode as (wrong) pixels
+        if not partial:
+            raise ImageDecodeError(path, "truncated JPEG (the data ends before the end marker)")
+        if image is None:
             # cv2.imdecode gives up where cv2.imread (whose file reader supplies a fake end marker)
             # decodes the part present: supply the marker ourselves.
             image = cv2.imdecode(np.concatenate([data, np.frombuffer(_JPEG_END, np.uint8)]), flags)
-            if image is None:
-                raise ImageDecodeError(path, "truncated JPEG with nothing decodable (cut inside its header)")
-            repaired = "truncated JPEG: the part present decoded, the rest grey"
-        elif bytes(data[:8]) == _PNG_SIGNATURE and not bytes(data[-12:]).endswith(_PNG_END):
+        if image is None:
+            raise ImageDecodeError(path, "truncated JPEG with nothing decodable (cut inside its header)")
+        repaired = "truncated JPEG: decoded as far as its data goes"
+    elif image is None:
+        if bytes(data[:8]) == _PNG_SIGNATURE and not bytes(data[-12:]).endswith(_PNG_END):
             raise ImageDecodeError(path, "truncated PNG (the data ends before the IEND chunk)")
         elif header is not None:
             raise ImageDecodeError(path, f"corrupt {header.format} data (its header reads, not its pixels)")

@@ -394,3 +394,18 @@ def test_convert_dataset_writes_the_decodable_images_and_names_the_rest(
     argv += ["--on-bad-image", "error"]
     assert run_tool(convert_dataset.main, convert_dataset.get_args_parser().parse_args(argv)) == 2
     assert "dir.jpg: is a directory, not an image file" in capsys.readouterr().err
+
+
+def test_zero_padding_after_the_end_marker_is_not_truncation(tmp_path: Path) -> None:
+    # fruit/train/apple_62.jpg: its end marker, then 2,400 zero bytes up to a whole 4 KB block.
+    whole = encode(smooth(48, 64, 13), ".jpg")
+    padded, cut = tmp_path / "padded.jpg", tmp_path / "cut.jpg"
+    padded.write_bytes(whole + bytes(70_000))
+    cut.write_bytes(whole[: len(whole) // 2] + bytes(70_000))
+    assert not image_io.looks_truncated_jpeg(padded.read_bytes())
+    assert image_io.looks_truncated_jpeg(cut.read_bytes())
+    assert decode_image(padded).partial == "" and decode_image(cut).partial.startswith("truncated JPEG")
+    for name in ("padded", "cut"):
+        write_xml(tmp_path / f"{name}.xml", f"{name}.jpg")
+    _, report = read_xml_folder(tmp_path)
+    assert report.files("jpeg_truncated_kept") == [str(cut)]

@@ -360,11 +360,16 @@ def test_coco_errors_name_the_file(tmp_path: Path, mutate, message: str) -> None
     assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
 
 
-def test_undecodable_image_is_an_error(tmp_path: Path) -> None:
+def test_undecodable_image_is_skipped_by_name_or_an_error(tmp_path: Path) -> None:
     write(tmp_path / "junk.jpg", "this is not an image")
     write(tmp_path / "junk.xml", voc_xml([("cat", 1, 1, 5, 5)]))
+    Image.new("RGB", (20, 10)).save(tmp_path / "good.jpg")
+    write(tmp_path / "good.xml", voc_xml([("cat", 1, 1, 5, 5)]))
+    dataset, report = read_xml_folder(tmp_path)
+    assert [Path(r.file_name).name for r in dataset.records] == ["good.jpg"]
+    assert any("junk.jpg: not a decodable image" in line for line in report.files("skipped"))
     with pytest.raises(DatasetError, match=r"junk.jpg: not a decodable image"):
-        read_xml_folder(tmp_path)
+        read_xml_folder(tmp_path, on_bad_image="error")
 
 
 def test_unrecognised_layout(tmp_path: Path) -> None:

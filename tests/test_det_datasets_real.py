@@ -42,7 +42,7 @@ def test_fruit_train_and_test() -> None:
     assert_sane(test)
     # What the loader fixed: 0x0 <size> fields (those files are PNGs behind .jpg names, 26 of them
     # RGBA or palette); no box needed clipping or dropping.
-    assert train_report.counts() == {
+    assert train_report.counts() == {  # apple_62.jpg's 2,400 zero bytes after its end marker are padding
         "size_zero_fixed": 33,
         "content_not_extension": 33,
         "content_not_rgb": 26,

@@ -165,7 +165,7 @@ def test_tool_errors_are_one_line_exit_2(checkpoint: Path, tmp_path: Path, capsy
     argv = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")]
     if problem == "missing image":
         argv += ["--image", str(tmp_path / "nope.jpg")]
-        expected = "nope.jpg: cannot read file"
+        expected = "nope.jpg: file not found"
     elif problem == "no image size":
         save_model(checkpoint, trained_looking("bn"), {})
         expected = "checkpoint records no image_size; pass --image-size"

@@ -184,14 +184,20 @@ def _content_events(path: Path, fmt: str, mode: str) -> list[str]:
 
 
 def _jpeg_end_missing(path: Path) -> bool:
-    """One small read at the file's end: a JPEG cut short has no end marker (``looks_truncated_jpeg``)."""
+    """Small reads at the file's end: a JPEG cut short has no end marker (``looks_truncated_jpeg``);
+    the reads grow only while they find nothing but zero padding."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as handle:
             head = handle.read(2)
-            handle.seek(max(0, os.path.getsize(path) - _JPEG_TAIL))
-            return looks_truncated_jpeg(head + handle.read(_JPEG_TAIL))
+            for tail in (_JPEG_TAIL, 1 << 16, size):
+                handle.seek(max(2, size - tail))
+                data = handle.read().rstrip(b"\x00")
+                if data or tail >= size:
+                    return looks_truncated_jpeg(head + data)
     except OSError:
         return False
+    return False
 
 
 def first_listed(keys: Iterable[object], list_file: str | Path, report: LoadReport) -> list[int]:
