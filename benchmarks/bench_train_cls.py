@@ -33,7 +33,7 @@ from backbone.engine import batch_mix, classification_step
 from backbone.runtime import config as cfglib
 from backbone.runtime.loader import ResumableLoader
 from backbone.runtime.log import run_tool
-from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
+from backbone.runtime.optim import build_lr_scheduler, build_optimizer, lr_factor_fn
 from backbone.runtime.precision import MixedPrecision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
     model = googlenet(cfg.model.variant, num_classes=len(class_names), aux_logits=cfg.model.aux_logits)
     model = model.to(memory_format=memory_format)
     ema = ModelEma(model, decay=cfg.ema.decay)
-    optimizer = build_sgd(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = build_lr_scheduler(optimizer, lr_factor_fn("constant", 1, 1))
     mix = batch_mix(len(class_names), cfg.train.mixup_alpha, cfg.train.cutmix_alpha)
     step_fn = classification_step(

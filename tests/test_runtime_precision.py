@@ -10,7 +10,7 @@ from torch import nn
 from backbone.runtime.checkpoint import load_checkpoint
 from backbone.runtime.errors import UserError
 from backbone.runtime.loader import ResumableLoader
-from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
+from backbone.runtime.optim import build_lr_scheduler, build_optimizer, lr_factor_fn
 from backbone.runtime.precision import MixedPrecision
 from backbone.runtime.trainer import StepOutput, fit
 
@@ -29,7 +29,7 @@ def train(run_dir, precision: str, epochs: int = 2, resume: bool = False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
     loader = ResumableLoader(Blobs(), 16, seed=1)
-    optimizer = build_sgd(model, lr=0.2)
+    optimizer = build_optimizer(model, lr=0.2)
     scheduler = build_lr_scheduler(optimizer, lr_factor_fn("constant", len(loader), epochs))
     output_dtypes, losses = set(), []
 

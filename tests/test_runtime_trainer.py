@@ -16,7 +16,7 @@ from backbone.runtime.checkpoint import load_checkpoint
 from backbone.runtime.errors import UserError
 from backbone.runtime.loader import ResumableLoader
 from backbone.runtime.log import read_metrics
-from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
+from backbone.runtime.optim import build_lr_scheduler, build_optimizer, lr_factor_fn
 from backbone.runtime.trainer import NonFiniteLoss, StepOutput, fit
 
 
@@ -34,7 +34,7 @@ def make_parts(seed: int = 0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.BatchNorm1d(16), nn.Linear(16, 2))
     loader = ResumableLoader(Blobs(), 8, seed=3)
-    optimizer = build_sgd(model, lr=0.1, weight_decay=1e-3)
+    optimizer = build_optimizer(model, lr=0.1, weight_decay=1e-3)
     scheduler = build_lr_scheduler(optimizer, lr_factor_fn("cosine", len(loader), 3, warmup_epochs=0.5))
     return model, loader, optimizer, scheduler, ModelEma(model, decay=0.9)
 

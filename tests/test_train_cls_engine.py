@@ -11,7 +11,7 @@ from torch import nn
 from backbone import GoogLeNetOutputs
 from backbone.ema import ModelEma
 from backbone.engine import batch_mix, classification_loss, classification_step, evaluate
-from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
+from backbone.runtime.optim import build_lr_scheduler, build_optimizer, lr_factor_fn
 
 
 class Tiny(nn.Module):
@@ -68,7 +68,7 @@ def test_step_cosine_and_warmup():
 
 def test_scheduler_steps_per_iteration_and_round_trips():
     model = Tiny()
-    optimizer = build_sgd(model, lr=0.5, weight_decay=1e-4)
+    optimizer = build_optimizer(model, lr=0.5, weight_decay=1e-4)
     scheduler = build_lr_scheduler(optimizer, lr_factor_fn("paper", 2, 40, step_epochs=1))
     lrs = []
     for _ in range(5):
@@ -76,18 +76,26 @@ def test_scheduler_steps_per_iteration_and_round_trips():
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.5, 0.5, 0.48, 0.48, 0.5 * 0.96**2])
-    fresh_opt = build_sgd(model, lr=0.5)
+    fresh_opt = build_optimizer(model, lr=0.5)
     fresh = build_lr_scheduler(fresh_opt, lr_factor_fn("paper", 2, 40, step_epochs=1))
     fresh.load_state_dict(scheduler.state_dict())
     assert fresh.get_last_lr() == scheduler.get_last_lr()
 
 
 def test_sgd_momentum_and_no_decay_on_biases_and_norms():
-    optimizer = build_sgd(Tiny(), lr=0.1, weight_decay=5e-4)
+    optimizer = build_optimizer(Tiny(), lr=0.1, weight_decay=5e-4)
     decayed, plain = optimizer.param_groups
     assert optimizer.defaults["momentum"] == 0.9
     assert decayed["weight_decay"] == 5e-4 and [p.ndim for p in decayed["params"]] == [2]
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3  # lin.bias, bn.weight, bn.bias
+
+
+def test_adamw_keeps_the_same_decay_groups_and_an_unknown_kind_is_named():
+    optimizer = build_optimizer(Tiny(), lr=1e-3, weight_decay=0.01, kind="adamw")
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+    with pytest.raises(ValueError, match=r"optim.kind: must be one of sgd, adamw, got 'adam'"):
+        build_optimizer(Tiny(), lr=0.1, kind="adam")
 
 
 def test_loss_is_main_plus_weighted_aux():

@@ -31,7 +31,7 @@ from backbone.runtime.dist import is_main_process
 from backbone.runtime.errors import UserError
 from backbone.runtime.loader import ResumableLoader, build_eval_loader
 from backbone.runtime.log import run_tool
-from backbone.runtime.optim import build_lr_scheduler, build_sgd, lr_factor_fn
+from backbone.runtime.optim import build_lr_scheduler, build_optimizer, lr_factor_fn
 from backbone.runtime.paths import resolve_data_path
 from backbone.runtime.run import Run, start_run, stop_exit_code, wrap_ddp, write_summary
 from backbone.runtime.trainer import fit
@@ -76,6 +76,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    kind: Literal["sgd", "adamw"] = "sgd"  # the paper's SGD; AdamW learns faster in short runs from scratch
     lr: float = 0.1  # for the whole (global) batch
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -253,13 +254,14 @@ def train(cfg: TrainClsConfig, args: argparse.Namespace, run: Run) -> int:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(run.device, memory_format=memory_format)
     ema = ModelEma(model, decay=cfg.ema.decay, warmup=cfg.ema.warmup) if cfg.ema.enabled else None
-    optimizer = build_sgd(
+    optimizer = build_optimizer(
         model,
         lr=cfg.optim.lr,
         momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay,
         nesterov=cfg.optim.nesterov,
         decay_norm_and_bias=cfg.optim.decay_norm_and_bias,
+        kind=cfg.optim.kind,
     )
     sched = cfg.schedule
     factor = lr_factor_fn(

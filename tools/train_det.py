@@ -94,6 +94,7 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    kind: Literal["sgd", "adamw"] = "sgd"  # R-CNN's SGD; AdamW for short runs from a weak start
     lr: float = 0.001  # R-CNN's fine-tuning rate, for the pretrained layers
     head_lr_mult: float = 10.0  # the new C+1-way layers
     momentum: float = 0.9
@@ -259,7 +260,7 @@ def train(cfg: TrainDetConfig, args: argparse.Namespace, run) -> int:
         run.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format
     )
     o = cfg.optim
-    optimizer = build_optimizer(model, o.lr, o.head_lr_mult, o.momentum, o.weight_decay)
+    optimizer = build_optimizer(model, o.lr, o.head_lr_mult, o.momentum, o.weight_decay, o.kind)
     factor = lr_factor_fn(
         "step" if o.schedule == "step" else o.schedule,
         len(train_loader) or 1,

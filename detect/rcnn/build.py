@@ -8,6 +8,7 @@ import torch
 
 from backbone import googlenet
 from backbone.runtime.errors import UserError
+from backbone.runtime.optim import optimizer_for_groups
 from backbone.weights import load_model, load_torchvision_weights
 from detect.rcnn.model import RegionClassifier, RegionClassifierArch
 
@@ -83,14 +84,22 @@ def head_parameters(model: RegionClassifier) -> list[torch.nn.Parameter]:
 
 
 def build_optimizer(
-    model: RegionClassifier, lr: float, head_lr_mult: float, momentum: float, weight_decay: float
-) -> torch.optim.SGD:
-    """SGD with the new layers at ``lr * head_lr_mult`` (R-CNN: x10 on the new layer)."""
+    model: RegionClassifier,
+    lr: float,
+    head_lr_mult: float,
+    momentum: float,
+    weight_decay: float,
+    kind: str = "sgd",
+) -> torch.optim.Optimizer:
+    """SGD (or AdamW) with the new layers at ``lr * head_lr_mult`` (R-CNN: x10 on the new layer)."""
     head = {id(p) for p in head_parameters(model)}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [  # the base group first: the trainer logs param_groups[0]'s lr
-        {"params": [p for p in trainable if id(p) not in head], "lr": lr},
-        {"params": [p for p in trainable if id(p) in head], "lr": lr * head_lr_mult},
+        {"params": [p for p in trainable if id(p) not in head], "lr": lr, "weight_decay": weight_decay},
+        {
+            "params": [p for p in trainable if id(p) in head],
+            "lr": lr * head_lr_mult,
+            "weight_decay": weight_decay,
+        },
     ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return optimizer_for_groups(kind, [g for g in groups if g["params"]], lr, momentum)
