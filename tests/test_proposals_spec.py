@@ -229,7 +229,9 @@ def one_line_refusal(records, spec, message: str) -> str:
     return text
 
 
-def test_ensure_proposals_refuses_a_stale_foreign_or_incomplete_cache(tmp_path: Path) -> None:
+def test_ensure_proposals_refuses_a_stale_or_foreign_cache_and_completes_an_interrupted_one(
+    tmp_path: Path,
+) -> None:
     records = write_images(tmp_path / "images", 3)
     spec = small_spec(tmp_path)
     directory, _ = configured_method(spec, "tiny", "test")
@@ -242,10 +244,16 @@ def test_ensure_proposals_refuses_a_stale_foreign_or_incomplete_cache(tmp_path: 
     one_line_refusal(records[:2], spec, "changed: dataset, num_images")
     renumbered = [replace(r, image_id=r.image_id + 100) for r in records]
     one_line_refusal(renumbered, spec, "changed: dataset")
-    # An interrupted build.
+    # An interrupted build (a train_det killed while building its proposals), as the kill leaves it:
+    # other settings still find it stale; the same settings complete it, keeping the finished shard.
     manifest = directory / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "complete": False}))
-    one_line_refusal(records, spec, "incomplete")
+    (directory / "shard_00001.npz").unlink()
+    kept = (directory / "shard_00000.npz").stat().st_mtime_ns
+    one_line_refusal(records, other, "stale proposal cache .changed: method.")
+    completed, _ = ensure_proposals(records, spec, "tiny", "test", progress=False)
+    assert len(completed.boxes) == len(records) and json.loads(manifest.read_text())["complete"]
+    assert (directory / "shard_00000.npz").stat().st_mtime_ns == kept
     # The advice works: once the directory is gone the next call rebuilds it.
     shutil.rmtree(directory)
     rebuilt, _ = ensure_proposals(records, spec, "tiny", "test", progress=False)

@@ -7,6 +7,7 @@ their union ``multibox_top<k>+ss_<preset>`` (MultiBox's boxes first, near-duplic
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from detect.proposals.cache import (
     ProposalCacheError,
     bad_image_events,
     build_cache,
+    cache_fingerprint,
     load_cache,
 )
 from detect.proposals.methods import (
@@ -160,9 +162,10 @@ def ensure_proposals(
     on_bad_image: str = "skip",
 ) -> tuple[LazyProposals, dict[str, Any]]:
     """The configured method's proposals for ``records``: read from its cache, or built (every
-    planned cache, as propose.py would) when there is none. A cache of other images or settings,
-    or an interrupted one, is refused with one line saying which directory to delete so that the
-    next run rebuilds it (never replaced behind the user's back: other runs may read it).
+    planned cache, as propose.py would) when there is none or a killed run left it incomplete (its
+    shards are kept). A cache of other images or settings is refused with one line saying which
+    directory to delete so that the next run rebuilds it (never replaced behind the user's back:
+    other runs may read it).
     Images the cache records as skipped or partial are summarised in the log, or, under
     ``on_bad_image="error"``, stop the run with one line (``backbone.bad_images``)."""
     try:
@@ -172,7 +175,7 @@ def ensure_proposals(
     directory, method = list(plan.values())[-1]
     # Decided together: a rank that looked after another had started writing the manifest would
     # skip the (collective) build and read a cache still in progress.
-    if any_rank(not (directory / MANIFEST).is_file()):
+    if any_rank(_unbuilt(directory, records, method)):
         for component_dir, component in plan.values():
             build_cache(
                 records,
@@ -192,3 +195,17 @@ def ensure_proposals(
     bad.merge(bad_image_events(records, proposals))  # BadImageError under "error"
     bad.log_summary()
     return proposals, method_description(spec, directory, method)
+
+
+def _unbuilt(directory: Path, records: list[DetectionRecord], method: ProposalMethod) -> bool:
+    """No cache, or an incomplete one of exactly this method and these images (an interrupted build,
+    which build_cache completes); a stale or unreadable one is for load_cache to refuse."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("complete"):
+        return False
+    return manifest.get("fingerprint") == cache_fingerprint(records, method)[0]
