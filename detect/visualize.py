@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from backbone.image_io import ImageDecodeError, read_image_rgb  # noqa: E402
+from backbone.runtime.files import atomic_write  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ def save_pr_curves(
         axis.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"pr_{index:03d}_{_file_safe(name)}.png"
-        fig.savefig(path)
+        # Atomic: a run killed mid-write leaves no half PNG.
+        atomic_write(path, lambda handle, fig=fig: fig.savefig(handle, format="png"))
         plt.close(fig)
         written.append(path)
     return written
