@@ -22,7 +22,7 @@ import sys
 
 from backbone.bad_images import ON_BAD_IMAGE
 from backbone.runtime import run_tool, setup_logging
-from detect.datasets import open_detection_dataset, write_coco_json
+from detect.datasets import class_list, open_detection_dataset, write_coco_json
 
 logger = logging.getLogger("convert_dataset")
 
@@ -39,6 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--names-file", help="folder layouts: split list (.csv with 'filename' or .txt)")
     parser.add_argument(
         "--classes",
+        type=class_list,
         help="VOC / folder layouts: comma-separated class names in label order "
         "(default: VOC's 20 for a VOC<year> folder, else the names found, sorted)",
     )
@@ -68,7 +69,7 @@ def main(args: argparse.Namespace) -> None:
     dataset, report = open_detection_dataset(
         args.source,
         image_set=args.image_set,
-        class_names=[c.strip() for c in args.classes.split(",")] if args.classes else None,
+        class_names=args.classes,
         image_root=args.image_root,
         annotations=args.annotations,
         names_file=args.names_file,

@@ -24,7 +24,7 @@ import numpy as np
 
 from backbone.bad_images import ON_BAD_IMAGE
 from backbone.runtime import run_tool, setup_logging
-from detect.datasets import DatasetError, dataset_to_coco, detect_format, open_detection_dataset
+from detect.datasets import DatasetError, class_list, dataset_to_coco, detect_format, open_detection_dataset
 from detect.datasets.coco import load_json
 from detect.evaluation import (
     METRICS,
@@ -56,6 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--names-file", help="folder layouts: split list (.csv with 'filename' or .txt)")
     parser.add_argument(
         "--classes",
+        type=class_list,
         help="VOC / folder layouts: comma-separated class names in label order "
         "(default: VOC's 20 for a VOC<year> folder, else the names found, sorted)",
     )
@@ -77,7 +78,7 @@ def main(args: argparse.Namespace) -> None:
     dataset, report = open_detection_dataset(
         args.gt,
         image_set=args.image_set,
-        class_names=[c.strip() for c in args.classes.split(",")] if args.classes else None,
+        class_names=args.classes,
         image_root=args.image_root,
         annotations=args.annotations,
         names_file=args.names_file,

@@ -29,6 +29,7 @@ from backbone.runtime.dist import cleanup_distributed, init_distributed, is_main
 from backbone.runtime.errors import UserError
 from backbone.runtime.files import atomic_write_text
 from backbone.runtime.log import run_tool, setup_logging
+from detect.datasets import class_list
 from detect.datasets.spec import DatasetSpec
 from detect.evaluation import METRICS
 from detect.proposals.spec import spec_from_settings
@@ -53,7 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-root", help="--data images folder (COCO, or an image+XML folder layout)")
     parser.add_argument("--annotations", help="--data folder layouts: the XML files' folder (default: found)")
     parser.add_argument(
-        "--classes", help="--data VOC / folder layouts: comma-separated class names in label order"
+        "--classes",
+        type=class_list,
+        help="--data VOC / folder layouts: comma-separated class names in label order",
     )
     parser.add_argument("--name", help="proposal cache name for --data (default: the folder or file stem)")
     parser.add_argument(
@@ -118,7 +121,7 @@ def spec_from_flags(args: argparse.Namespace) -> DatasetSpec | None:
         image_set=args.image_set,
         image_root=args.image_root,
         annotations=args.annotations,
-        classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else None,
+        classes=args.classes,
     )
 
 

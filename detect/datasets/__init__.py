@@ -21,6 +21,7 @@ from detect.datasets.voc import VOC_CLASSES, parse_voc_xml, read_name_list, read
 
 __all__ = [
     "VOC_CLASSES",
+    "class_list",
     "DatasetError",
     "DetectionDataset",
     "DetectionRecord",
@@ -102,6 +103,11 @@ def check_options_used(path: Path, kind: str, given: dict[str, object]) -> None:
                 f"{_OPTION_NAMES[option]} is not used for {_LAYOUT_NAMES[kind][0]}, only for "
                 f"{' and '.join(users)}: remove it",
             )
+
+
+def class_list(text: str) -> tuple[str, ...]:
+    """``--classes A,B,C`` (an argparse ``type``): the names in label order, spaces trimmed."""
+    return tuple(name.strip() for name in text.split(","))
 
 
 def checked_class_names(path: Path, class_names: list[str] | tuple[str, ...] | None) -> list[str] | None:
