@@ -167,7 +167,7 @@ class LazyProposals(Sequence):
     """Proposals aligned with a record list, read from the shards when asked: ``proposals[i]`` is image
     ``i``'s ``(boxes (N, 4) float32 pixel xyxy, scores (N,))`` in rank order, a fresh array each time.
 
-    Held in memory, about 40 bytes per image: ``image_ids``, ``counts`` (proposals per image),
+    Held in memory, under 50 bytes per image: ``image_ids``, ``counts`` (proposals per image),
     ``seconds`` (extraction time) and ``status`` (``("", "")``, ``("partial", what)`` or
     ``("skipped", problem)``). ``boxes`` and ``scores`` are sequences of one of the two. Up to
     ``open_shards`` shard files stay open (least recently used closed first); reads use ``os.pread``,
