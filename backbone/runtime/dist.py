@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 from torch.utils.data import Sampler
 
 
@@ -53,8 +54,28 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+        store = _store_for_this_attempt()
+        store_args = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
+        dist.init_process_group(backend=backend, device_id=dev if use_cuda else None, **store_args)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def _store_for_this_attempt() -> dist.Store | None:
+    """A clean key namespace for workers that torchrun's elastic agent restarted on one node.
+
+    The agent keeps one key-value store across restarts, still holding the failed attempt's
+    addresses: restarted gloo workers connected to dead peers ("Connection refused") or hung
+    (pytorch/pytorch#135712). On a single node every worker has the same restart count, so it can
+    prefix the keys; across nodes the counts may differ, so there torch's default stays.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if restart == 0 or not shared or os.environ.get("GROUP_WORLD_SIZE") != "1":
+        return None
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=default_pg_timeout
+    )
+    return dist.PrefixStore(f"restart{restart}/default_pg", agent_store)
 
 
 def cleanup_distributed() -> None:

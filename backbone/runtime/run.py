@@ -45,11 +45,20 @@ def run_directory(args: argparse.Namespace, tool: str) -> Path:
     """``--out`` or ``runs/<config stem>``, checked against ``--resume`` / ``--overwrite``."""
     run_dir = Path(args.out) if args.out is not None else default_run_dir(args.config, tool)
     checkpoint = run_dir / CHECKPOINT_NAME
+    if elastic_restart() > 0 and checkpoint.is_file():
+        # torchrun restarted the workers after one failed: continue from the run's last checkpoint,
+        # as torchrun asks of a script, whichever of --resume / --overwrite the first attempt had.
+        args.resume = True
     if args.resume and not checkpoint.is_file():
         raise UserError(f"{checkpoint}: no checkpoint to resume from")
     if not args.resume and not args.overwrite and checkpoint.exists():
         raise UserError(f"{checkpoint} exists: pass --resume to continue or --overwrite to start over")
     return run_dir
+
+
+def elastic_restart() -> int:
+    """How often torchrun's elastic agent has restarted the workers (0: first attempt, or no torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -83,7 +92,8 @@ def start_run(
     and device (``init_distributed(device)``), ``threads`` intra-op threads, python / numpy / torch
     seeded with ``seed`` (deterministic algorithms when ``deterministic``, else cudnn.benchmark on
     CUDA), then on rank 0 the run directory with the resolved ``cfg`` in ``config.yaml``, logging
-    to ``log.txt`` and one line naming the directory, process count and device. A failed
+    to ``log.txt`` and one line naming the directory, process count and device. After torchrun's
+    elastic agent restarts the workers, they resume from the run directory's checkpoint. A failed
     save (WriteError) is re-raised naming the checkpoint that still loads. ``args`` is what
     ``config.add_run_args`` parses (.config, .out, .resume, .overwrite, .max_steps); ``tool`` names
     the default directory ``runs/<tool>`` when there is no config file.
@@ -101,6 +111,9 @@ def start_run(
         with saving(run_dir / "log.txt"):
             setup_logging(run_dir)
         logger.info("run directory %s; %d process(es) on %s", run_dir, info.world_size, info.device)
+        if elastic_restart() > 0 and args.resume:
+            checkpoint = run_dir / CHECKPOINT_NAME
+            logger.info("torchrun restart %d: continuing from %s", elastic_restart(), checkpoint)
         try:
             yield Run(run_dir, info, info.device)
         except WriteError as exc:
