@@ -105,7 +105,7 @@ def assert_every_file_loads(directory: Path, context: str) -> None:
                     for key in arrays.files:
                         arrays[key]
             elif path.suffix == ".yaml":
-                yaml.safe_load(path.read_text())
+                assert isinstance(yaml.safe_load(path.read_text()), dict)  # not empty
             elif path.suffix == ".png":
                 Image.open(path).load()
         except Exception as err:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from backbone.runtime.errors import UserError
+from backbone.runtime.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -109,9 +110,10 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def dump_config(config: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML, in schema field order."""
+    """Write the resolved config as YAML, in schema field order (atomically: a resumed run rewrites it,
+    and a kill then must not leave half of it)."""
     text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)
-    Path(path).write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
