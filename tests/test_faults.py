@@ -3,9 +3,12 @@ propose, resume until done, and check after every kill that each file the tool w
 the end that the result equals an uninterrupted run's.
 
 Kill delays are drawn uniformly within an uninterrupted run's measured duration, from a seed this
-prints ("fault seed N"); ``FAULT_SEED=N`` replays the delays (where they land still depends on the
-machine's speed). Each attempt is a process forked from a server that has imported torch once:
-a fresh interpreter would spend most of a tiny run importing, and a kill there tests nothing."""
+prints ("fault seed N"); ``FAULT_SEED=N`` replays the draws (the delays scale with the durations
+measured, and where they land depends on the machine's speed). Each attempt is a process forked
+from a server that has imported torch once: a fresh interpreter would spend most of a tiny run
+importing, and a kill there tests nothing.
+
+    FAULT_SEED=N python -m pytest -s tests/test_faults.py"""
 
 from __future__ import annotations
 
