@@ -137,3 +137,10 @@ def test_flip_averages_the_image_and_its_mirror() -> None:
     other = scores(image.flip(-1), mirrored_boxes, flip=True)
     torch.testing.assert_close(other.probs, both.probs)
     torch.testing.assert_close(mirror_boxes(other.refined, width), both.refined)
+
+
+def test_inference_settings_from_a_config_section_with_overrides():
+    section = {"region_batch": 8, "score_threshold": 0.2, "nms_iou": 0.4, "max_per_image": 5}
+    section |= {"precision": "bf16", "flip": True, "metrics": ["voc"]}  # metrics: not a setting
+    settings = InferenceSettings.from_test_config(section, flip=None, precision="fp32", variants=("svm",))
+    assert settings == InferenceSettings(8, 0.2, 0.4, 5, True, "fp32", True, ("svm",))

@@ -178,14 +178,8 @@ def test(args: argparse.Namespace, device: torch.device) -> int:
             raise UserError(
                 f"--variants {variant}: the model(s) carry no {missing[variant]} (extras.* in train_det)"
             )
-    settings = InferenceSettings(
-        test_cfg["region_batch"],
-        test_cfg["score_threshold"],
-        test_cfg["nms_iou"],
-        test_cfg["max_per_image"],
-        precision=args.precision or test_cfg.get("precision", "fp32"),
-        flip=test_cfg.get("flip", False) if args.flip is None else args.flip,
-        variants=variants,
+    settings = InferenceSettings.from_test_config(
+        test_cfg, precision=args.precision, flip=args.flip, variants=variants
     )
     dataset = RegionScoringDataset(
         split.dataset.records, boxes, data["shorter_side"], in_memory=False, on_bad_image=on_bad_image

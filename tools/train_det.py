@@ -163,16 +163,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def inference_settings(cfg: TrainDetConfig) -> InferenceSettings:
-    t = cfg.test
-    return InferenceSettings(
-        t.region_batch,
-        t.score_threshold,
-        t.nms_iou,
-        t.max_per_image,
-        cfg.channels_last,
-        t.precision,
-        flip=t.flip,
-    )
+    return InferenceSettings.from_test_config(cfg.test, channels_last=cfg.channels_last)
 
 
 def open_split(data: DataConfig, split: str, seed: int) -> DetectionSplit:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +210,15 @@ class InferenceSettings:
     precision: str = "fp32"  # autocast of the region forward: fp32, bf16 (fast on this CPU), fp16
     flip: bool = False  # average with the mirrored image's scores (twice the cost)
     variants: tuple[str, ...] = ("final",)  # keys of VARIANTS to produce from each scoring pass
+
+    @classmethod
+    def from_test_config(cls, test: Mapping[str, Any], **overrides: Any) -> InferenceSettings:
+        """From a train_det config's ``test`` section (a dataclass or a checkpoint's plain dict);
+        ``overrides`` that are not None win (command-line options)."""
+        values = dataclasses.asdict(test) if dataclasses.is_dataclass(test) else dict(test)
+        values |= {key: value for key, value in overrides.items() if value is not None}
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in names})
 
 
 def detect_sample_variants(

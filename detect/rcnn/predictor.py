@@ -54,15 +54,7 @@ class Predictor:
         except ValueError as err:  # e.g. the MultiBox file the model names is not on this machine
             raise UserError(f"{paths[0]}: its proposals cannot be rebuilt here: {err}") from None
         self.propose = build_proposer(method)
-        test = dict(self.meta["config"]["test"]) | {k: v for k, v in settings.items() if v is not None}
-        self.settings = InferenceSettings(
-            test["region_batch"],
-            test["score_threshold"],
-            test["nms_iou"],
-            test["max_per_image"],
-            precision=test.get("precision", "fp32"),
-            flip=bool(test.get("flip", False)),
-        )
+        self.settings = InferenceSettings.from_test_config(self.meta["config"]["test"], **settings)
         self.shorter_side = int(self.meta["config"]["data"]["shorter_side"])
 
     def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
