@@ -5,20 +5,38 @@ directory is fsynced so the rename survives a power cut. The result has the mode
 ``open()`` would give (0o666 minus the umask), not ``mkstemp``'s 0600.
 
 A failed write (disk full, no permission, ...) removes the temporary and raises a one-line
-:class:`~backbone.runtime.errors.WriteError` naming the file; the old file is untouched.
+:class:`~backbone.runtime.errors.WriteError` naming the file; the old file is untouched. Only a
+kill -9 (or power cut) leaves a temporary behind: :func:`remove_leftover_temporaries` deletes them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from backbone.runtime.errors import WriteError
+
+logger = logging.getLogger(__name__)
+
+# A temporary is ".<target name>.<mkstemp's 8 random characters>.tmp" beside the target.
+TEMPORARY_SUFFIX = ".tmp"
+TEMPORARY_NAME = re.compile(r"\.(.+)\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is one of :func:`atomic_write`'s temporary files (and not, say, ``notes.tmp``)."""
+    return TEMPORARY_NAME.fullmatch(name) is not None
 
 
 def _umask() -> int:
@@ -58,7 +76,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     path = Path(path)
     with saving(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=TEMPORARY_SUFFIX, dir=path.parent)
         try:
             os.chmod(tmp, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as handle:
@@ -109,3 +127,25 @@ def append_text(path: str | Path, text: str) -> None:
             with contextlib.suppress(OSError):  # read_metrics skips a torn last line anyway
                 os.truncate(path, size)
             raise
+
+
+def remove_leftover_temporaries(directory: str | Path) -> tuple[int, int]:
+    """Delete the temporaries killed atomic writes left in ``directory`` (not below it) and log how many.
+
+    Returns ``(files, bytes)``. Call it only where no other process is writing into ``directory``:
+    its temporary would go too, and its write would fail.
+    """
+    count = size = 0
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(directory) as entries:
+        for entry in entries:
+            if not is_temporary_name(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):  # gone already, or not ours to delete: leave it
+                length = entry.stat(follow_symlinks=False).st_size
+                os.unlink(entry.path)
+                count, size = count + 1, size + length
+    if count:
+        logger.info(
+            "%s: removed %d temporary file(s) of interrupted writes (%.1f MB)", directory, count, size / 1e6
+        )
+    return count, size

@@ -26,7 +26,7 @@ from torch import nn
 from backbone.runtime import config as cfglib
 from backbone.runtime.dist import DistInfo, cleanup_distributed, init_distributed, is_main_process
 from backbone.runtime.errors import UserError, WriteError
-from backbone.runtime.files import atomic_write_text, saving
+from backbone.runtime.files import atomic_write_text, remove_leftover_temporaries, saving
 from backbone.runtime.log import setup_logging
 from backbone.runtime.paths import default_run_dir
 from backbone.runtime.trainer import CHECKPOINT_NAME, FitResult
@@ -92,8 +92,9 @@ def start_run(
     and device (``init_distributed(device)``), ``threads`` intra-op threads, python / numpy / torch
     seeded with ``seed`` (deterministic algorithms when ``deterministic``, else cudnn.benchmark on
     CUDA), then on rank 0 the run directory with the resolved ``cfg`` in ``config.yaml``, logging
-    to ``log.txt`` and one line naming the directory, process count and device. After torchrun's
-    elastic agent restarts the workers, they resume from the run directory's checkpoint. A failed
+    to ``log.txt``, one line naming the directory, process count and device, and the removal of
+    temporaries that killed atomic writes left in the directory. After torchrun's elastic agent
+    restarts the workers, they resume from the run directory's checkpoint. A failed
     save (WriteError) is re-raised naming the checkpoint that still loads. ``args`` is what
     ``config.add_run_args`` parses (.config, .out, .resume, .overwrite, .max_steps); ``tool`` names
     the default directory ``runs/<tool>`` when there is no config file.
@@ -111,6 +112,8 @@ def start_run(
         with saving(run_dir / "log.txt"):
             setup_logging(run_dir)
         logger.info("run directory %s; %d process(es) on %s", run_dir, info.world_size, info.device)
+        if is_main_process():  # a kill -9 during a save leaves its temporary, up to a checkpoint's size
+            remove_leftover_temporaries(run_dir)
         if elastic_restart() > 0 and args.resume:
             checkpoint = run_dir / CHECKPOINT_NAME
             logger.info("torchrun restart %d: continuing from %s", elastic_restart(), checkpoint)

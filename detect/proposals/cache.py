@@ -10,7 +10,8 @@ The fingerprint hashes the method and all its parameters (the MultiBox file's co
 version) and the data set (each image's id, path, byte size and modification time). A cache whose
 fingerprint differs from the wanted one is stale: it is reported, deleted and rebuilt, never read.
 Shards are written atomically (temporary file + rename), so an interrupted run leaves only
-complete shards, and the next run computes just the missing ones. Every shard carries the
+complete shards, and the next run computes just the missing ones (a kill -9 leaves a shard's
+temporary file, which the next build removes). Every shard carries the
 fingerprint too, so a shard left over from another configuration is never mistaken for a valid one.
 Reading (``load_cache``, ``read_cache``) checks every shard's fingerprint and images but leaves the
 proposals on disk: ``detect.proposals.shards.LazyProposals`` reads one image's when asked.
@@ -42,6 +43,7 @@ from tqdm import tqdm
 
 from backbone.bad_images import DEFAULT_ON_BAD_IMAGE, BadImages, Event
 from backbone.runtime.dist import barrier, get_rank, get_world_size
+from backbone.runtime.files import atomic_write_text, remove_leftover_temporaries
 from detect.datasets.records import DetectionRecord
 from detect.proposals.methods import (
     ProposalMethod,
@@ -104,9 +106,7 @@ def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
 
 
 def _write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
-    tmp = cache_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, cache_dir / MANIFEST)
+    atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def _changed_parts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -114,8 +114,10 @@ def _changed_parts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _prepare_directory(cache_dir: Path, fingerprint: str, parts: dict, manifest: dict) -> None:
-    """Rank 0: delete a stale cache (saying why), then record the wanted fingerprint."""
+    """Rank 0: delete killed writes' temporaries and a stale cache (saying why), then record the
+    wanted fingerprint."""
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftover_temporaries(cache_dir)
     old = _read_manifest(cache_dir)
     if old is not None and old.get("fingerprint") != fingerprint:
         changed = _changed_parts(old.get("parts", {}), parts)
