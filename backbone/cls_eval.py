@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from backbone.inference import fuse_for_inference
+from backbone.runtime.files import atomic_write
 from backbone.runtime.loader import limit_worker_threads
 from backbone.transforms import MultiCropTransform, normalize_crops
 
@@ -212,6 +213,7 @@ def save_confusion_png(
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
+    finally:
+        plt.close(fig)

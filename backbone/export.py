@@ -15,7 +15,7 @@ flow it would handle better.
 
 from __future__ import annotations
 
-import os
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from backbone.googlenet import GoogLeNet
 from backbone.inference import fuse_for_inference
 from backbone.runtime.errors import UserError
+from backbone.runtime.files import atomic_write
 
 DEFAULT_OPSET = 17
 EXPORT_EXTRA_HINT = "pip install -e '.[export]' (onnx, onnxruntime)"
@@ -80,26 +81,25 @@ def export_module_onnx(
     if dynamic_axes is None and dynamic_batch:
         dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # The legacy exporter warns that it is legacy, and about constant folding of strided slices.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                tuple(x.contiguous() for x in inputs),
-                str(tmp),
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        onnx.checker.check_model(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Exported in memory and written by atomic_write: a killed export leaves the temporary that the
+    # next run's start removes (the models here are far below protobuf's 2 GB).
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The legacy exporter warns that it is legacy, and about constant folding of strided slices.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            tuple(x.contiguous() for x in inputs),
+            buffer,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    onnx.checker.check_model(buffer.getvalue())
+    atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
     return path
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from backbone.runtime.errors import UserError
+from backbone.runtime.files import atomic_write_text
 from backbone.runtime.log import run_tool, setup_logging
 from detect.datasets.synthetic import annotation_path, build_synthetic_detection_dataset, image_root
 from detect.visualize import save_detection_pictures
@@ -113,7 +114,7 @@ def run_stage(
     if code != 0:
         raise UserError(f"{name}: {tool} exited with code {code} (see {out / 'log.txt'})")
     seconds = time.perf_counter() - started
-    record.write_text(json.dumps({"key": key, "seconds": seconds}, indent=2) + "\n")
+    atomic_write_text(record, json.dumps({"key": key, "seconds": seconds}, indent=2) + "\n")
     return seconds, False
 
 
@@ -173,9 +174,7 @@ def main(args: argparse.Namespace) -> int:
         entry["labels"].append(id_to_label[det["category_id"]])
     pictures = save_detection_pictures(dataset.records, predictions, dataset.class_names, out / "detections")
     timings["total"] = time.perf_counter() - started
-    (out / "timings.json").write_text(
-        json.dumps(timings | {"reused": reused}, indent=2) + "\n", encoding="utf-8"
-    )
+    atomic_write_text(out / "timings.json", json.dumps(timings | {"reused": reused}, indent=2) + "\n")
 
     print((detector / "eval_val.txt").read_text())
     summary = json.loads((detector / "eval_val.json").read_text())

@@ -26,6 +26,7 @@ from backbone.bad_images import ON_BAD_IMAGE
 from backbone.cls_eval import EnsembleMember, classification_report, predict_ensemble, save_confusion_png
 from backbone.data import SPLITS, build_classification_datasets
 from backbone.runtime import UserError, resolve_data_path, run_tool, setup_logging
+from backbone.runtime.files import atomic_write, atomic_write_text
 from backbone.transforms import CROP_COUNTS, MultiCropTransform
 from backbone.weights import load_model
 
@@ -178,10 +179,14 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     }
     out = args.out or first_path.parent / f"eval_{args.crops}crop"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_cls.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "eval_cls.json", json.dumps(result, indent=2) + "\n")
     if args.save_probs:
         arrays = {f"model_{i}": p for i, p in enumerate(ensemble.member_probs)}
-        np.savez_compressed(out / "probs.npz", labels=labels, ensemble=probs.astype(np.float32), **arrays)
+        ensemble_probs = probs.astype(np.float32)
+        atomic_write(
+            out / "probs.npz",
+            lambda handle: np.savez_compressed(handle, labels=labels, ensemble=ensemble_probs, **arrays),
+        )
     title = f"{len(models)} model(s), {args.crops} crop(s): top-1 error {report['top1_error']:.2f}%"
     save_confusion_png(np.asarray(report["confusion_matrix"]), class_names, out / "confusion.png", title)
     print(f"{title}, top-5 error {report['top5_error']:.2f}% on {report['num_images']} images")

@@ -24,6 +24,7 @@ import numpy as np
 
 from backbone.bad_images import ON_BAD_IMAGE
 from backbone.runtime import run_tool, setup_logging
+from backbone.runtime.files import atomic_write_text
 from detect.datasets import DatasetError, class_list, dataset_to_coco, detect_format, open_detection_dataset
 from detect.datasets.coco import load_json
 from detect.evaluation import (
@@ -106,7 +107,7 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = result.to_json_dict() | {"gt": str(args.gt), "dets": str(args.dets), "num_images": len(known)}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
     if not args.no_plots:
         save_pr_curves(result.curves, result.ap, result.class_names, out / "pr", title=args.metric)
     print(f"wrote {out / 'metrics.json'}" + ("" if args.no_plots else f" and {out / 'pr'}/*.png"))

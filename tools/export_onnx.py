@@ -49,6 +49,7 @@ from backbone.googlenet import GoogLeNet
 from backbone.image_cache import shrink_to_shorter_side
 from backbone.image_io import ImageDecodeError, read_image_rgb
 from backbone.runtime import UserError, run_tool, setup_logging
+from backbone.runtime.files import atomic_write_text
 from backbone.transforms import eval_resize_size, eval_transform
 from backbone.weights import load_model, read_weights_file
 from detect.rcnn.data import image_to_tensor
@@ -253,7 +254,7 @@ def main(args: argparse.Namespace) -> int:
         "max_abs_difference": differences,
         "tolerance": args.tolerance,
     }
-    (out / f"{target.name}.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / f"{target.name}.json", json.dumps(info, indent=2) + "\n")
     if worst > args.tolerance:
         raise UserError(
             f"{path}: onnxruntime and PyTorch differ by {worst:.3g}, over the tolerance {args.tolerance:g}"

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from backbone.runtime.files import atomic_write, atomic_write_text
 from detect.boxes import box_iou
 from detect.datasets.records import DetectionRecord
 
@@ -111,8 +112,10 @@ def plot_recall_curves(results: Mapping[str, Mapping[str, Any]], path: str | Pat
     axes[0][0].legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def write_report(
@@ -127,8 +130,8 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = "\n".join([format_table(results, title), *(f"note: {note}" for note in notes)])
-    (out_dir / "report.txt").write_text(table + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "report.txt", table + "\n")
     payload = {"title": title, **extra, "notes": list(notes), "methods": results}
-    (out_dir / "report.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "report.json", json.dumps(payload, indent=1) + "\n")
     plot_recall_curves(results, out_dir / "recall_curves.png", title)
     return table
