@@ -5,6 +5,7 @@ Everything that writes is a no-op on ranks other than 0, so callers need no rank
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,11 +49,39 @@ def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO) 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(run_dir) / "log.txt", encoding="utf-8"))
+        handlers.append(_RunLogFile(Path(run_dir) / "log.txt", encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(formatter)
         handler._backbone_handler = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+
+
+class _RunLogFile(logging.FileHandler):
+    """``log.txt``: a failed write (disk full) is one warning on stderr, not logging's traceback per
+    record; the file log stops and the run goes on logging to the console (its next checkpoint
+    save then stops it with a one-line WriteError if the disk is still full)."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        self.failed = True
+        text = error.strerror or str(error) or type(error).__name__
+        print(
+            f"warning: {self.baseFilename}: {text[0].lower()}{text[1:]} while logging; "
+            "logging to the console only",
+            file=sys.stderr,
+        )
+        stream, self.stream = self.stream, None  # type: ignore[assignment]
+        with contextlib.suppress(OSError, ValueError):  # its unwritten buffer fails again on close
+            stream.close()
 
 
 class Progress:
