@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from test_proposals_cache import SS, write_images
 from backbone.runtime import config as cfglib
 from backbone.runtime.files import atomic_write, is_temporary_name, remove_leftover_temporaries
 from backbone.runtime.run import start_run
-from detect.proposals.cache import build_cache
+from detect.proposals.cache import LEFTOVER_AGE_S, build_cache
 
 # What a user may keep in a run directory that only looks like a temporary.
 LOOK_ALIKES = ["notes.tmp", ".checkpoint.pt.tmp", ".checkpoint.pt.abc12345", "checkpoint.pt.abc12345.tmp"]
@@ -92,6 +93,11 @@ def test_a_run_start_removes_its_directorys_leftovers(tmp_path: Path, user_and_l
 def test_a_cache_build_removes_its_directorys_leftovers(tmp_path: Path, user_and_leftover_files) -> None:
     cache = tmp_path / "cache"
     leftover = user_and_leftover_files(cache)
+    old = leftover.stat().st_mtime - LEFTOVER_AGE_S - 1
+    os.utime(leftover, (old, old))
+    # A fresh temporary may be another job's write in progress into this same cache: kept.
+    in_progress = cache / ".shard_00001.npz.a8b7c6d5.tmp"
+    in_progress.write_bytes(b"\0" * 10)
     build_cache(write_images(tmp_path / "images", 1), SS, cache, workers=1, shard_size=1, progress=False)
-    assert not leftover.exists() and (cache / "notes.tmp").exists()
+    assert not leftover.exists() and (cache / "notes.tmp").exists() and in_progress.exists()
     assert (cache / "shard_00000.npz").is_file()

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -129,19 +130,24 @@ def append_text(path: str | Path, text: str) -> None:
             raise
 
 
-def remove_leftover_temporaries(directory: str | Path) -> tuple[int, int]:
+def remove_leftover_temporaries(directory: str | Path, min_age_s: float = 0.0) -> tuple[int, int]:
     """Delete the temporaries killed atomic writes left in ``directory`` (not below it) and log how many.
 
-    Returns ``(files, bytes)``. Call it only where no other process is writing into ``directory``:
-    its temporary would go too, and its write would fail.
+    Returns ``(files, bytes)``. A temporary another process is writing would go too and its write
+    fail: where other processes may write into ``directory`` (a shared proposal cache), pass
+    ``min_age_s`` longer than any write takes, so only files untouched that long are deleted.
     """
     count = size = 0
+    now = time.time()
     with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(directory) as entries:
         for entry in entries:
             if not is_temporary_name(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue
             with contextlib.suppress(OSError):  # gone already, or not ours to delete: leave it
-                length = entry.stat(follow_symlinks=False).st_size
+                info = entry.stat(follow_symlinks=False)
+                if now - info.st_mtime < min_age_s:
+                    continue
+                length = info.st_size
                 os.unlink(entry.path)
                 count, size = count + 1, size + length
     if count:

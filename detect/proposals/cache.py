@@ -105,6 +105,9 @@ def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+LEFTOVER_AGE_S = 600.0  # a shard write takes well under a second
+
+
 def _write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
@@ -117,7 +120,8 @@ def _prepare_directory(cache_dir: Path, fingerprint: str, parts: dict, manifest:
     """Rank 0: delete killed writes' temporaries and a stale cache (saying why), then record the
     wanted fingerprint."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    remove_leftover_temporaries(cache_dir)
+    # Another job may be building this same cache (same settings and images): spare its writes.
+    remove_leftover_temporaries(cache_dir, min_age_s=LEFTOVER_AGE_S)
     old = _read_manifest(cache_dir)
     if old is not None and old.get("fingerprint") != fingerprint:
         changed = _changed_parts(old.get("parts", {}), parts)
