@@ -155,8 +155,8 @@ def predict_ensemble(
 def classification_report(
     probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
 ) -> dict[str, Any]:
-    """Top-1 / top-5 error in percent (top-k, k = min(5, C), for fewer classes), per-class accuracy
-    and the confusion matrix (rows: true class, columns: predicted)."""
+    """Top-1 / top-5 error in percent (top-5 only for more than 5 classes: with 5 or fewer it is
+    always 0), per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
     num_classes = len(class_names)
     if probs.shape != (len(labels), num_classes):
         raise ValueError(
@@ -174,11 +174,11 @@ def classification_report(
         name: (float(confusion[c, c] / support[c] * 100.0) if support[c] else None)
         for c, name in enumerate(class_names)
     }
+    top5 = {"top5_error": float(100.0 - topk.mean() * 100.0)} if num_classes > 5 else {}
     return {
         "num_images": int(len(labels)),
         "top1_error": float(100.0 - top1.mean() * 100.0),
-        "top5_error": float(100.0 - topk.mean() * 100.0),
-        "top5_k": k,  # fewer than 5 classes: top-k over all of them (error 0)
+        **top5,
         "top1_accuracy": float(top1.mean() * 100.0),
         "per_class_accuracy": per_class,
         "per_class_support": {name: int(support[c]) for c, name in enumerate(class_names)},

@@ -107,18 +107,20 @@ def evaluate(
     """Top-1 / top-5 accuracy in percent, mean cross-entropy and image count, over all ranks.
 
     Each rank must see a disjoint share of the set (e.g. ``build_eval_loader``), so the sums are
-    exact. Top-5 becomes top-k with k = number of classes when there are fewer than 5.
+    exact. Top-5 is reported only for more than 5 classes (with 5 or fewer it is always 100%).
     """
     was_training = model.training
     model.eval()
     sums = {"correct1": 0.0, "correct5": 0.0, "loss": 0.0, "count": 0.0}
+    num_classes = 0
     progress = Progress(batches, total=total, desc=desc)
     for images, labels in progress:
         images = to_device(images, device, channels_last)
         labels = labels.to(device, non_blocking=True)
         outputs = model(images)
         logits = outputs.logits if isinstance(outputs, GoogLeNetOutputs) else outputs
-        k = min(5, logits.shape[1])
+        num_classes = logits.shape[1]
+        k = min(5, num_classes)
         topk = logits.topk(k, dim=1).indices
         hits = topk == labels[:, None]
         sums["correct1"] += hits[:, 0].sum().item()
@@ -130,9 +132,7 @@ def evaluate(
     model.train(was_training)
     totals = all_reduce_sum(sums)
     count = max(totals["count"], 1.0)
-    return {
-        "top1": 100.0 * totals["correct1"] / count,
-        "top5": 100.0 * totals["correct5"] / count,
-        "loss": totals["loss"] / count,
-        "count": totals["count"],
-    }
+    metrics = {"top1": 100.0 * totals["correct1"] / count}
+    if num_classes > 5:
+        metrics["top5"] = 100.0 * totals["correct5"] / count
+    return metrics | {"loss": totals["loss"] / count, "count": totals["count"]}

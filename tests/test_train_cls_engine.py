@@ -195,3 +195,5 @@ def test_evaluate_counts_top1_and_top5():
     assert metrics["top1"] == pytest.approx(100 * 3 / 8)
     assert metrics["top5"] == pytest.approx(100 * 7 / 8)
     assert math.isfinite(metrics["loss"])
+    five = evaluate(FixedLogits(logits[:, :5]), [(images, labels.clamp(max=4))], torch.device("cpu"))
+    assert "top5" not in five and five["count"] == 8  # 5 classes: top-5 is always 100%

@@ -189,7 +189,8 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
         )
     title = f"{len(models)} model(s), {args.crops} crop(s): top-1 error {report['top1_error']:.2f}%"
     save_confusion_png(np.asarray(report["confusion_matrix"]), class_names, out / "confusion.png", title)
-    print(f"{title}, top-5 error {report['top5_error']:.2f}% on {report['num_images']} images")
+    top5 = f", top-5 error {report['top5_error']:.2f}%" if "top5_error" in report else ""
+    print(f"{title}{top5} on {report['num_images']} images")
     print(f"wrote {out / 'eval_cls.json'} and {out / 'confusion.png'}")
     return result
 
