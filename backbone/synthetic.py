@@ -9,7 +9,9 @@ process, in any order and with any number of workers. Nothing is stored on disk.
 
 Each object is one of ``SHAPE_CLASSES`` with a random fill (solid, stripes, checker, gradient,
 noise, dots), colour (kept apart from the background's), size, rotation, optional outline and
-optional occluders; backgrounds are textured with the same generators plus clutter lines.
+optional occluders; backgrounds are textured with the same generators plus clutter lines. In a scene
+the background's cells stay finer than the smallest object: a checker cell or a dot of an object's
+size would be an unlabelled square or circle.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ _SCALE = 1 << _SHIFT
 _STREAM_OBJECT, _STREAM_SCENE = 0, 1  # keeps classification and scene samples independent
 _MIN_COLOUR_DISTANCE = 70.0  # RGB distance between object and background means: the shape stays visible
 _MIN_VISIBLE_FRACTION = 0.6  # a scene object keeps at least this much of its area when others overlap
+_SCENE_RADIUS_FRACTIONS = (0.06, 0.2)  # a scene object's radius, as fractions of the shorter side
 
 
 def _generator(seed: int, index: int, stream: int) -> np.random.Generator:
@@ -59,9 +62,20 @@ def _contrasting_colour(rng: np.random.Generator, avoid: np.ndarray) -> np.ndarr
     return colour
 
 
-def _texture(rng: np.random.Generator, height: int, width: int, base: np.ndarray) -> np.ndarray:
-    """An (H, W, 3) float32 texture whose mean colour is near ``base``."""
-    kind = rng.choice(("solid", "stripes", "checker", "gradient", "noise", "dots"))
+TEXTURE_KINDS: tuple[str, ...] = ("solid", "stripes", "checker", "gradient", "noise", "dots")
+
+
+def _texture(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    base: np.ndarray,
+    max_period: float | None = None,
+    kinds: tuple[str, ...] = TEXTURE_KINDS,
+) -> np.ndarray:
+    """An (H, W, 3) float32 texture whose mean colour is near ``base``; stripes, checker cells and
+    dot spacing have a period of 3 px up to ``max_period`` (default: a sixth of the shorter side)."""
+    kind = rng.choice(kinds)
     other = np.clip(base + rng.uniform(-70, 70, 3), 0, 255).astype(np.float32)
     if kind == "solid":
         return np.tile(base.astype(np.float32), (height, width, 1))
@@ -70,7 +84,9 @@ def _texture(rng: np.random.Generator, height: int, width: int, base: np.ndarray
     angle = rng.uniform(0, np.pi)
     cos, sin = np.float32(np.cos(angle)), np.float32(np.sin(angle))
     u, v = xs * cos + ys * sin, ys * cos - xs * sin  # (H, W) by broadcasting
-    period = rng.uniform(3, max(4.0, min(height, width) / 6))
+    if max_period is None:
+        max_period = min(height, width) / 6
+    period = rng.uniform(3, max(4.0, max_period))
     if kind == "stripes":
         weight = (np.floor(u / period) % 2).astype(np.float32)
     elif kind == "checker":
@@ -150,8 +166,10 @@ def _shape_mask(
     return mask
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    image = _texture(rng, height, width, _random_colour(rng))
+def _background(
+    rng: np.random.Generator, height: int, width: int, max_period: float | None = None
+) -> np.ndarray:
+    image = _texture(rng, height, width, _random_colour(rng), max_period)
     for _ in range(rng.integers(0, 6)):  # clutter lines: edges that belong to no object
         p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
         p2 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
@@ -281,15 +299,17 @@ def render_scene_layout(
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {max_objects}")
     rng = _generator(seed, index, _STREAM_SCENE)
-    image = _background(rng, height, width)
+    short = min(height, width)
+    min_radius, max_radius = short * _SCENE_RADIUS_FRACTIONS[0], short * _SCENE_RADIUS_FRACTIONS[1]
+    # Cells at most half the side of the smallest square (sqrt(2) x its radius): never object-sized.
+    image = _background(rng, height, width, max_period=min_radius * np.sqrt(2) / 2)
     owner = np.full((height, width), -1, np.int32)  # which object each pixel shows (-1: background)
     full_areas: list[int] = []
     labels: list[int] = []
-    short = min(height, width)
     for _ in range(int(rng.integers(1, max_objects + 1))):
         label = int(rng.integers(0, len(SHAPE_CLASSES)))
         for _attempt in range(10):
-            radius = short * rng.uniform(0.06, 0.2)
+            radius = rng.uniform(min_radius, max_radius)
             cx = rng.uniform(0.7 * radius, width - 0.7 * radius)
             cy = rng.uniform(0.7 * radius, height - 0.7 * radius)
             mask = _shape_mask(rng, label, height, width, cx, cy, radius)

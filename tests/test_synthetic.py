@@ -7,9 +7,12 @@ import json
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
+
+from backbone import synthetic
 
 from backbone.image_io import read_image_rgb
 from backbone.synthetic import (
@@ -108,6 +111,46 @@ def test_scene_boxes_are_tight_and_objects_stay_mostly_visible():
         np.testing.assert_array_equal(image, layout.image)
         np.testing.assert_array_equal(boxes, layout.boxes)
     assert seen_overlap  # occlusion between objects does happen
+
+
+def _widest_one_tone_region(texture: np.ndarray) -> float:
+    """The radius of the largest disc that fits inside one tone (the image border counts as an edge)."""
+    widest = 0.0
+    for tone in np.unique(texture.reshape(-1, 3), axis=0):
+        mask = np.pad(np.all(texture == tone, axis=2).astype(np.uint8), 1)
+        widest = max(widest, float(cv2.distanceTransform(mask, cv2.DIST_L2, 5).max()))
+    return widest
+
+
+@pytest.mark.parametrize("kind", ["checker", "dots"])
+def test_texture_cells_stay_within_the_period_cap(kind):
+    # A checker cell fits a disc of radius period / 2, a dot 0.63 x period, the gaps between dots
+    # 0.78 x period: nothing wider than the cap allows.
+    base = np.array([100.0, 150.0, 200.0], np.float32)
+    for seed in range(5):
+        texture = synthetic._texture(np.random.default_rng(seed), 160, 160, base, 6.0, (kind,))
+        assert 1 <= _widest_one_tone_region(texture) <= 0.8 * 6.0 + 1
+    # Without the cap the same kind draws object-sized cells (period up to a sixth of the side).
+    widths = [
+        _widest_one_tone_region(synthetic._texture(np.random.default_rng(s), 160, 160, base, None, (kind,)))
+        for s in range(5)
+    ]
+    assert max(widths) > 10
+
+
+def test_scene_background_cells_are_finer_than_the_smallest_square(monkeypatch):
+    caps = []
+    texture = synthetic._texture
+
+    def recording_texture(rng, height, width, base, max_period=None, kinds=synthetic.TEXTURE_KINDS):
+        caps.append((height, width, max_period))
+        return texture(rng, height, width, base, max_period, kinds)
+
+    monkeypatch.setattr(synthetic, "_texture", recording_texture)
+    render_scene(0, 160, 0, 3)
+    height, width, cap = caps[0]  # the background's; the objects' own fills follow
+    smallest_square_side = 160 * synthetic._SCENE_RADIUS_FRACTIONS[0] * np.sqrt(2)
+    assert (height, width) == (160, 160) and cap <= smallest_square_side / 2
 
 
 def test_classification_dataset_is_indexed_and_disjoint_by_offset():

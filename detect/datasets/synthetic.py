@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 SPLIT_INDEX_OFFSETS = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 IMAGE_FORMATS = ("jpg", "png")
-FORMAT_VERSION = 2  # bump when the generator's output changes, so written splits are rebuilt
+FORMAT_VERSION = 3  # bump when the generator's output changes, so written splits are rebuilt
 
 
 def _split_offset(split: str, index_offset: int | None) -> int:
