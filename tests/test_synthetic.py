@@ -13,7 +13,6 @@ import pytest
 from pycocotools.coco import COCO
 
 from backbone import synthetic
-
 from backbone.image_io import read_image_rgb
 from backbone.synthetic import (
     SHAPE_CLASSES,
