@@ -117,6 +117,20 @@ def test_normalise_and_decode_round_trip_to_pixels() -> None:
     np.testing.assert_allclose(boxes[0], [0, 0, 200, 50])
 
 
+def test_decode_top_k_skips_boxes_that_clip_to_slivers() -> None:
+    # The best prediction lies left of the image: clipped, it is 0.4 px wide. The next two are kept,
+    # so top_k still returns top_k boxes when enough are large enough.
+    preds = torch.tensor([[-0.5, 0.1, 0.002, 0.9], [0.1, 0.1, 0.5, 0.5], [0.5, 0.5, 0.9, 0.9]])
+    logits = torch.tensor([3.0, 2.0, 1.0])
+    boxes, _ = decode_top_k(preds, logits, width=200, height=100, top_k=2)
+    assert boxes[0, 2] - boxes[0, 0] == pytest.approx(0.4)  # without a minimum the sliver leads
+    boxes, scores = decode_top_k(preds, logits, width=200, height=100, top_k=2, min_size=8)
+    np.testing.assert_allclose(boxes, [[20, 10, 100, 50], [100, 50, 180, 90]], atol=1e-4)
+    assert scores.tolist() == pytest.approx(torch.sigmoid(logits[1:]).tolist())
+    boxes, _ = decode_top_k(preds, logits, width=200, height=100, top_k=3, min_size=50)
+    assert boxes.shape == (0, 4)  # 80 x 40 px boxes are lower than 50 px
+
+
 def test_recall_at_k_counts_covered_boxes() -> None:
     preds = t([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]])[None]
     gt = [t([[0.5, 0.5, 1, 1], [0, 0, 0.1, 0.1]])]

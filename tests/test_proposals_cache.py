@@ -188,7 +188,9 @@ def test_multibox_and_union_caches(tmp_path: Path) -> None:
         load_cache(records, m, tmp_path / d) for m, d in ((multibox, "mb"), (SS, "ss"), (union, "union"))
     )
     for i in range(3):
-        assert mb.boxes[i].shape == (5, 4) and np.all(np.diff(mb.scores[i]) <= 0)
+        # At most top_k, none under min_size (20 px) once clipped: the untrained net's boxes vary.
+        assert 1 <= len(mb.boxes[i]) <= 5 and np.all(np.diff(mb.scores[i]) <= 0)
+        assert (mb.boxes[i][:, 2:] - mb.boxes[i][:, :2] >= 20).all()
         assert (mb.boxes[i][:, 2:] <= [128, 96]).all() and (mb.boxes[i] >= 0).all()
         want = union_proposals([(mb.boxes[i], mb.scores[i]), (ss.boxes[i], ss.scores[i])], 0.7)
         np.testing.assert_array_equal(both.boxes[i], want[0])

@@ -171,7 +171,7 @@ def test_build_proposer_gives_the_cached_boxes_for_ss_multibox_and_union(tmp_pat
     assert len(propose_union(image, parts, 1.0)[0]) > len(proposals.boxes[0])  # dedup did drop boxes
     # What a detector's model file keeps: enough to say what the proposals were and to rebuild them.
     assert described["kind"] == "union" and described["dedup_iou"] == 0.7
-    assert described["multibox"] == {"model": str(model), "top_k": 5}
+    assert described["multibox"] == {"model": str(model), "top_k": 5, "min_size": 20.0}
     assert described["directory"] == str(plan["SS fast + MultiBox"][0])
     assert spec_from_settings(described["settings"]) == spec
 

@@ -51,13 +51,15 @@ class SelectiveSearchMethod:
 class MultiBoxMethod:
     checkpoint: str
     top_k: int = 200
+    min_size: float = 20.0  # pixels, as selective search's: clipped slivers are not proposals
     kind: str = "multibox"
 
     def fingerprint(self) -> dict[str, Any]:
         if not Path(self.checkpoint).is_file():
             raise FileNotFoundError(f"{self.checkpoint}: MultiBox model file not found")
         # The file's content, not its name: retraining into the same path must invalidate caches.
-        return {"kind": self.kind, "checkpoint_sha256": file_sha256(self.checkpoint), "top_k": self.top_k}
+        sha = file_sha256(self.checkpoint)
+        return {"kind": self.kind, "checkpoint_sha256": sha, "top_k": self.top_k, "min_size": self.min_size}
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def build_proposer(method: ProposalMethod, threads: int | None = None) -> Propos
 
         model, arch, _ = load_multibox(method.checkpoint)
         model = model.to(memory_format=torch.channels_last)
-        return lambda image: multibox_proposals(model, image, arch.image_size, method.top_k)
+        return lambda image: multibox_proposals(model, image, arch.image_size, method.top_k, method.min_size)
     if isinstance(method, UnionMethod):
         parts = [build_proposer(component) for _, component in method.components]
         return lambda image: propose_union(image, parts, method.dedup_iou)

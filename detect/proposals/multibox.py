@@ -251,26 +251,33 @@ def preprocess_image(image_rgb: np.ndarray, image_size: int) -> Tensor:
 
 
 def decode_top_k(
-    pred_boxes: Tensor, logits: Tensor, width: int, height: int, top_k: int
+    pred_boxes: Tensor, logits: Tensor, width: int, height: int, top_k: int, min_size: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image's ``(K, 4)`` normalised boxes and logits -> the ``top_k`` best as pixel xyxy
-    (clipped, corners ordered) and their objectness, best first."""
+    (clipped, corners ordered) and their objectness, best first, among the boxes at least
+    ``min_size`` pixels wide and high once clipped: a prediction that lies mostly outside the image
+    clips to a sliver, which no training region resembles (background is sampled at IoU >= 0.1)
+    and which the region classifier would score at random."""
     scores = torch.sigmoid(logits.float())
-    order = torch.argsort(scores, descending=True, stable=True)[:top_k]
-    boxes = pred_boxes[order].float().clamp(0.0, 1.0)
-    boxes = order_corners(boxes) * boxes.new_tensor([width, height, width, height])
-    return boxes.numpy().astype(np.float32), scores[order].numpy().astype(np.float32)
+    boxes = order_corners(pred_boxes.float().clamp(0.0, 1.0)) * pred_boxes.new_tensor(
+        [width, height, width, height], dtype=torch.float32
+    )
+    large = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[large[order]][:top_k]
+    return boxes[order].numpy().astype(np.float32), scores[order].numpy().astype(np.float32)
 
 
 @torch.no_grad()
 def multibox_proposals(
-    model: MultiBoxNet, image_rgb: np.ndarray, image_size: int, top_k: int
+    model: MultiBoxNet, image_rgb: np.ndarray, image_size: int, top_k: int, min_size: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``top_k`` MultiBox boxes (pixel xyxy, float32) and objectness for one RGB image."""
+    """Top-``top_k`` MultiBox boxes of at least ``min_size`` pixels (pixel xyxy, float32) and their
+    objectness for one RGB image."""
     height, width = image_rgb.shape[:2]
     batch = preprocess_image(image_rgb, image_size)[None].contiguous(memory_format=torch.channels_last)
     boxes, logits = model(batch)
-    return decode_top_k(boxes[0], logits[0], width, height, top_k)
+    return decode_top_k(boxes[0], logits[0], width, height, top_k, min_size)
 
 
 def recall_at_k(

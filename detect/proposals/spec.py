@@ -54,6 +54,7 @@ class SelectiveSearchSpec:
 class MultiBoxSpec:
     model: str | None = None  # model.pt written by tools/train_multibox.py
     top_k: int = 200
+    min_size: float = 20.0  # the top_k boxes at least this wide and high once clipped (as ss.min_size)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def multibox_method(spec: MultiBoxSpec) -> MultiBoxMethod:
     path = resolve_data_path(spec.model)
     if not path.is_file():
         raise ValueError(f"{path}: MultiBox model file not found")
-    return MultiBoxMethod(str(path), spec.top_k)
+    return MultiBoxMethod(str(path), spec.top_k, spec.min_size)
 
 
 def plan_caches(
@@ -148,7 +149,11 @@ def method_description(spec: ProposalSpec, directory: Path, method: ProposalMeth
     if isinstance(method, UnionMethod):
         multibox = [m for _, m in method.components if isinstance(m, MultiBoxMethod)]
         if multibox:
-            described["multibox"] = {"model": multibox[0].checkpoint, "top_k": multibox[0].top_k}
+            described["multibox"] = {
+                "model": multibox[0].checkpoint,
+                "top_k": multibox[0].top_k,
+                "min_size": multibox[0].min_size,
+            }
     return {**described, "settings": proposal_settings(spec)}
 
 
