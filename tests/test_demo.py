@@ -1,9 +1,9 @@
 """tools/demo.py --quick (the README's "--quick form in the suite"): the whole pipeline runs end to
 end on synthetic scenes, writes everything the README lists, the detector learns, and a second run
-on the same --out reuses every stage and says so.
+on the same --out reuses every stage and says so; rewritten scenes retrain what learns from them.
 
 The quick run costs minutes (three training tools in subprocesses), so it runs once per module and
-both tests read its output."""
+the tests read its output."""
 
 from __future__ import annotations
 
@@ -121,3 +121,21 @@ def test_second_run_reuses_every_stage(first_run: dict, caplog: pytest.LogCaptur
     assert timings["reused"] == list(STAGES)
     assert all(timings[s] == first_run["timings"][s] for s in STAGES), timings
     assert (out / "detector" / "eval_val.json").is_file()
+
+
+def test_rewritten_scenes_retrain_multibox_and_the_detector(
+    first_run: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A new generator version rewrites the scenes (FORMAT_VERSION); deleting the train split's JSON
+    # rewrites it the same way. Pretraining never sees the scenes and stays reused.
+    out = first_run["out"]
+    assert first_run["code"] == 0
+    annotation_path(out / "scenes", "train").unlink()
+    with caplog.at_level(logging.INFO, logger="demo"):
+        assert run_demo(out) == 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "demo"]
+    assert any(m.startswith("detector: deleting ") and "proposals" in m for m in messages), messages
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["reused"] == ["pretrain"], timings
+    for stage in ("multibox", "detector"):
+        assert (out / stage / "model.pt").stat().st_mtime_ns != first_run["models"][stage], stage

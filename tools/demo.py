@@ -6,7 +6,7 @@ Stages, each a tool run in its own process (as a user would run them) with its o
 under ``--out``: scenes (train / val) -> pretrain GoogLeNet-bn with aux heads (train_cls) ->
 MultiBox (train_multibox) -> SS x2 + MultiBox proposals and the R-CNN region classifier
 (train_det, which builds the proposal caches) -> evaluation. A stage whose model file was built
-from the same command, config text and input models is reused and said so (``--rebuild`` starts
+from the same command, config text, input models and scenes is reused and said so (``--rebuild`` starts
 over). ``--quick`` shrinks every stage (the test suite's form). Writes ``--out``/detections/*.png
 (ground truth beside detections, the first 8 validation scenes), the detector's pr_val/*.png,
 eval_val.json and each stage's curves.png, and timings.json (seconds per stage; a reused stage
@@ -80,8 +80,9 @@ def scene_settings(overrides: list[str]) -> dict[str, int]:
 
 
 def stage_key(command: list[str], config: Path, inputs: list[Path]) -> dict:
-    """What a stage's model depends on: its command, its config file's text and the model files it
-    starts from (modification time and size)."""
+    """What a stage's model depends on: its command, its config file's text and the files it starts
+    from and learns from (models and scene annotations; modification time and size): rewritten
+    scenes retrain MultiBox and the detector."""
     return {
         "command": command[1:],
         "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
@@ -90,11 +91,17 @@ def stage_key(command: list[str], config: Path, inputs: list[Path]) -> dict:
 
 
 def run_stage(
-    name: str, tool: str, config: Path, out: Path, overrides: list[str], inputs: list[Path]
+    name: str,
+    tool: str,
+    config: Path,
+    out: Path,
+    overrides: list[str],
+    inputs: list[Path],
+    stale: Path | None = None,
 ) -> tuple[float, bool]:
     """Run ``tools/<tool>.py`` unless ``out`` holds a model.pt built from the same command, config
-    text and input models (``inputs``); returns (seconds the build took, reused).
-    ``out/demo_stage.json`` records that key and the seconds."""
+    text and input files (``inputs``); returns (seconds the build took, reused). ``stale``: a
+    directory deleted before a build. ``out/demo_stage.json`` records that key and the seconds."""
     command = [sys.executable, str(REPO / "tools" / f"{tool}.py"), "--config", str(config), "--out", str(out)]
     command += ["--overwrite"] + [arg for item in overrides for arg in ("--set", item)]
     key = stage_key(command, config, inputs)
@@ -108,6 +115,9 @@ def run_stage(
             "%s: %s was built from other settings or inputs: building it again", name, out / "model.pt"
         )
     record.unlink(missing_ok=True)
+    if stale is not None and stale.exists():
+        logger.info("%s: deleting %s, built for the previous model", name, stale)
+        shutil.rmtree(stale)
     logger.info("%s: %s", name, " ".join(command[1:]))
     started = time.perf_counter()
     code = subprocess.run(command, cwd=REPO, check=False).returncode
@@ -144,18 +154,21 @@ def main(args: argparse.Namespace) -> int:
     train_spec = (
         f"[{{path: {annotation_path(scenes_dir, 'train')}, image_root: {image_root(scenes_dir, 'train')}}}]"
     )
-    stages = [  # name, tool, config, run directory, overrides, the models it starts from
+    scene_files = [annotation_path(scenes_dir, split) for split in ("train", "val")]
+    stages = [  # name, tool, config, run directory, overrides, the files it learns from
         ("pretrain", "train_cls", "pretrain.yaml", pretrain, quick.get("pretrain", []), []),
         ("multibox", "train_multibox", "multibox.yaml", multibox,
          [f"model.init={pretrain / 'model.pt'}", f"data.train={train_spec}", *quick.get("multibox", [])],
-         [pretrain]),
+         [pretrain / "model.pt", scene_files[0]]),
         ("detector", "train_det", "detector.yaml", detector,
          [f"model.init={pretrain / 'model.pt'}", f"proposals.multibox.model={multibox / 'model.pt'}",
-          *detector_overrides], [pretrain, multibox]),
+          *detector_overrides], [pretrain / "model.pt", multibox / "model.pt", *scene_files]),
     ]  # fmt: skip
     for name, tool, config, stage_dir, overrides, inputs in stages:
-        models = [d / "model.pt" for d in inputs]
-        seconds, was_reused = run_stage(name, tool, CONFIGS / config, stage_dir, overrides, models)
+        # train_det refuses a proposal cache of other images or settings (other runs may read it);
+        # the demo's caches are its own and cheap, so a detector built again starts without them.
+        stale = out / "proposals" if name == "detector" else None
+        seconds, was_reused = run_stage(name, tool, CONFIGS / config, stage_dir, overrides, inputs, stale)
         timings[name] = seconds
         if was_reused:
             reused.append(name)
