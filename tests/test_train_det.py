@@ -51,7 +51,8 @@ def write_config(tmp_path: Path, **train) -> Path:
                       "cache_dir": str(tmp_path / "cache")},
         "sampler": {"images_per_batch": 2, "regions_per_batch": 32, "fg_fraction": 0.5, "bg_iou_low": 0.0,
                     "color_jitter": [0, 0, 0, 0]},
-        "optim": {"lr": 0.03, "head_lr_mult": 1.0, "warmup_epochs": 0.5},
+        "optim": {"kind": "adamw", "lr": 0.001, "head_lr_mult": 1.0, "weight_decay": 0.0,
+                  "warmup_epochs": 0.5},
         "train": {"epochs": 15, "log_interval": 4, "eval_every": 100, **train},
         "test": {"metrics": ["voc", "coco"], "region_batch": 64},
     }  # fmt: skip
