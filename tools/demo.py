@@ -155,19 +155,20 @@ def main(args: argparse.Namespace) -> int:
         f"[{{path: {annotation_path(scenes_dir, 'train')}, image_root: {image_root(scenes_dir, 'train')}}}]"
     )
     scene_files = [annotation_path(scenes_dir, split) for split in ("train", "val")]
-    stages = [  # name, tool, config, run directory, overrides, the files it learns from
-        ("pretrain", "train_cls", "pretrain.yaml", pretrain, quick.get("pretrain", []), []),
+    # train_det refuses a proposal cache of other images or settings (other runs may read it); the
+    # demo's caches are its own and cheap, so a detector built again starts without them.
+    # name, tool, config, run directory, overrides, the files it learns from, deleted before a build
+    stages = [
+        ("pretrain", "train_cls", "pretrain.yaml", pretrain, quick.get("pretrain", []), [], None),
         ("multibox", "train_multibox", "multibox.yaml", multibox,
          [f"model.init={pretrain / 'model.pt'}", f"data.train={train_spec}", *quick.get("multibox", [])],
-         [pretrain / "model.pt", scene_files[0]]),
+         [pretrain / "model.pt", scene_files[0]], None),
         ("detector", "train_det", "detector.yaml", detector,
          [f"model.init={pretrain / 'model.pt'}", f"proposals.multibox.model={multibox / 'model.pt'}",
-          *detector_overrides], [pretrain / "model.pt", multibox / "model.pt", *scene_files]),
+          *detector_overrides], [pretrain / "model.pt", multibox / "model.pt", *scene_files],
+         out / "proposals"),
     ]  # fmt: skip
-    for name, tool, config, stage_dir, overrides, inputs in stages:
-        # train_det refuses a proposal cache of other images or settings (other runs may read it);
-        # the demo's caches are its own and cheap, so a detector built again starts without them.
-        stale = out / "proposals" if name == "detector" else None
+    for name, tool, config, stage_dir, overrides, inputs, stale in stages:
         seconds, was_reused = run_stage(name, tool, CONFIGS / config, stage_dir, overrides, inputs, stale)
         timings[name] = seconds
         if was_reused:

@@ -256,8 +256,8 @@ def decode_top_k(
     """One image's ``(K, 4)`` normalised boxes and logits -> the ``top_k`` best as pixel xyxy
     (clipped, corners ordered) and their objectness, best first, among the boxes at least
     ``min_size`` pixels wide and high once clipped: a prediction that lies mostly outside the image
-    clips to a sliver, which no training region resembles (background is sampled at IoU >= 0.1)
-    and which the region classifier would score at random."""
+    clips to a sliver, which no training region resembles (background is sampled at IoU >= 0.1 by
+    default) and which the region classifier would score at random."""
     scores = torch.sigmoid(logits.float())
     boxes = order_corners(pred_boxes.float().clamp(0.0, 1.0)) * pred_boxes.new_tensor(
         [width, height, width, height], dtype=torch.float32
