@@ -88,6 +88,39 @@ def test_parameter_change_invalidates(tmp_path: Path, caplog: pytest.LogCaptureF
         load_cache(records, SS, cache)  # the old parameters' cache is gone, not silently reused
 
 
+def test_a_copied_or_moved_data_set_keeps_its_cache(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = write_images(tmp_path / "images", 3)
+    cache = tmp_path / "cache"
+    build_cache(records, SS, cache, workers=1, shard_size=2, progress=False)
+    before = json.loads((cache / "manifest.json").read_text())
+    moved = tmp_path / "copied"  # new paths and new dates, the same bytes (a fresh copy of the data)
+    moved.mkdir()
+    for record in records:
+        target = moved / Path(record.file_name).name
+        target.write_bytes(Path(record.file_name).read_bytes())
+        os.utime(target, ns=(1, 1))
+    copies = [
+        DetectionRecord(r.image_id, str(moved / Path(r.file_name).name), r.width, r.height) for r in records
+    ]
+    with caplog.at_level(logging.INFO):
+        kept = load_cache(copies, SS, cache)
+    assert "same bytes: cache kept" in caplog.text
+    for got, want in zip(kept.boxes, expected_ss(records, SS), strict=True):
+        np.testing.assert_array_equal(got, want)
+    after = json.loads((cache / "manifest.json").read_text())
+    assert after["fingerprint"] == before["fingerprint"]
+    assert after["stat_signature"] != before["stat_signature"]  # refreshed: the next reader hashes nothing
+
+    def no_hashing(path: str) -> str:
+        raise AssertionError(f"{path} hashed although no image changed since the last read")
+
+    monkeypatch.setattr("detect.proposals.cache._file_digest", no_hashing)
+    read_cache(copies, cache)
+    assert build_cache(copies, SS, cache, workers=1, shard_size=2, progress=False)["computed"] == 0
+
+
 def test_data_set_change_invalidates(tmp_path: Path) -> None:
     records = write_images(tmp_path / "images", 3)
     cache = tmp_path / "cache"

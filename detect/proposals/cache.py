@@ -7,8 +7,13 @@ Layout of a cache directory::
                          status / status_detail per image ("" , "partial" or "skipped" and why)
 
 The fingerprint hashes the method and all its parameters (the MultiBox file's content, OpenCV's
-version) and the data set (each image's id, path, byte size and modification time). A cache whose
-fingerprint differs from the wanted one is stale: it is reported, deleted and rebuilt, never read.
+version) and the data set (each image's id and the hash of its bytes). A cache whose fingerprint
+differs from the wanted one is stale: it is reported, deleted and rebuilt, never read. Hashing every
+image on every run would cost a read of the whole data set, so the manifest also keeps a stat
+signature (each image's path, byte size and modification time), as git's index does: while it
+matches, the manifest's content hash is trusted without reading a file; when it does not (the data
+set copied anew or moved), the images are hashed once, and a cache of the same bytes is kept and its
+signature refreshed.
 Shards are written atomically (temporary file + rename), so an interrupted run leaves only
 complete shards, and the next run computes just the missing ones (a kill -9 leaves a shard's
 temporary file, which the next build removes). Every shard carries the
@@ -65,13 +70,13 @@ from detect.proposals.shards import (
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the data set part hashes image bytes, not paths and dates
 MANIFEST = "manifest.json"
 RERUN = "build it with tools/propose.py"
 
 
-def dataset_fingerprint(records: Sequence[DetectionRecord]) -> str:
-    """Hash of every image's id, path, size and mtime: a changed, added or removed image changes it."""
+def stat_signature(records: Sequence[DetectionRecord]) -> str:
+    """Hash of every image's id, path, byte size and mtime: cheap, and unchanged while no file is touched."""
     digest = hashlib.sha256()
     for record in records:
         stat = os.stat(record.file_name)
@@ -79,12 +84,52 @@ def dataset_fingerprint(records: Sequence[DetectionRecord]) -> str:
     return digest.hexdigest()
 
 
-def cache_fingerprint(records: Sequence[DetectionRecord], method: ProposalMethod) -> tuple[str, dict]:
+def _file_digest(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as error:  # a directory or unreadable file: a bad image, which the cache records as such
+        return f"unreadable {type(error).__name__} {os.stat(path).st_size}"
+
+
+def content_fingerprint(records: Sequence[DetectionRecord]) -> str:
+    """Hash of every image's id and bytes (each distinct file read once): what the proposals depend on,
+    whatever the files' paths or dates."""
+    digest, file_digests = hashlib.sha256(), {}
+    for record in records:
+        if record.file_name not in file_digests:
+            file_digests[record.file_name] = _file_digest(record.file_name)
+        digest.update(f"{record.image_id}\t{file_digests[record.file_name]}\n".encode())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(
+    records: Sequence[DetectionRecord], manifest: dict[str, Any] | None = None
+) -> tuple[str, str]:
+    """``(content fingerprint, stat signature)`` of the images; the content fingerprint comes from
+    ``manifest`` without reading any image when its stat signature still matches."""
+    signature = stat_signature(records)
+    parts = manifest.get("parts") if isinstance(manifest, dict) else None
+    known = parts.get("dataset") if isinstance(parts, dict) else None
+    if known is not None and manifest.get("stat_signature") == signature:  # type: ignore[union-attr]
+        return known, signature
+    return content_fingerprint(records), signature
+
+
+def cache_fingerprint(
+    records: Sequence[DetectionRecord], method: ProposalMethod, manifest: dict[str, Any] | None = None
+) -> tuple[str, dict]:
+    """The fingerprint a cache of ``method`` over ``records`` carries, and its parts. ``manifest``: an
+    existing cache's, whose content hash spares reading the images while none changed (see above)."""
+    return _fingerprint(method, dataset_fingerprint(records, manifest)[0], len(records))
+
+
+def _fingerprint(method: ProposalMethod, content: str, num_images: int) -> tuple[str, dict]:
     parts = {
         "format_version": CACHE_FORMAT_VERSION,
         "method": method.fingerprint(),
-        "dataset": dataset_fingerprint(records),
-        "num_images": len(records),
+        "dataset": content,
+        "num_images": num_images,
     }
     text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest(), parts
@@ -155,11 +200,13 @@ def build_cache(
     """
     cache_dir = Path(cache_dir)
     bad = BadImages(on_bad_image, f"proposals {cache_dir.name}")
-    fingerprint, parts = cache_fingerprint(records, method)
+    content, signature = dataset_fingerprint(records, _read_manifest(cache_dir))
+    fingerprint, parts = _fingerprint(method, content, len(records))
     ranges = _shard_ranges(len(records), shard_size)
     manifest = {
         "fingerprint": fingerprint,
         "parts": parts,
+        "stat_signature": signature,
         "method": method_summary(method),
         "shard_size": shard_size,
         "num_shards": len(ranges),
@@ -302,9 +349,12 @@ def read_cache(
     if manifest is None:
         raise ProposalCacheError(f"{cache_dir}: no proposal cache here; {RERUN}")
     parts = manifest.get("parts", {})
-    if parts.get("dataset") != dataset_fingerprint(records) or parts.get("num_images") != len(records):
+    content, signature = dataset_fingerprint(records, manifest)
+    if parts.get("dataset") != content or parts.get("num_images") != len(records):
         raise ProposalCacheError(f"{cache_dir}: stale proposal cache (changed: dataset); {RERUN}")
-    return _read_shards(records, cache_dir, manifest), manifest
+    proposals = _read_shards(records, cache_dir, manifest)
+    _refresh_signature(cache_dir, manifest, signature)
+    return proposals, manifest
 
 
 def load_cache(
@@ -313,14 +363,27 @@ def load_cache(
     """Read a complete cache of ``method`` over ``records``; ProposalCacheError if it is missing,
     incomplete or stale (it is never returned silently out of date)."""
     cache_dir = Path(cache_dir)
-    fingerprint, parts = cache_fingerprint(records, method)
     manifest = _read_manifest(cache_dir)
     if manifest is None:
         raise ProposalCacheError(f"{cache_dir}: no proposal cache here; {RERUN}")
+    content, signature = dataset_fingerprint(records, manifest)
+    fingerprint, parts = _fingerprint(method, content, len(records))
     if manifest.get("fingerprint") != fingerprint:
         changed = ", ".join(_changed_parts(manifest.get("parts", {}), parts))
         raise ProposalCacheError(f"{cache_dir}: stale proposal cache (changed: {changed}); {RERUN}")
-    return _read_shards(records, cache_dir, manifest)
+    proposals = _read_shards(records, cache_dir, manifest)
+    _refresh_signature(cache_dir, manifest, signature)
+    return proposals
+
+
+def _refresh_signature(cache_dir: Path, manifest: dict[str, Any], signature: str) -> None:
+    """A valid cache whose images were copied or moved since: record their new paths and dates, so
+    that the next reader trusts the content hash without reading every image again."""
+    if manifest.get("stat_signature") == signature:
+        return
+    log.info("%s: the images were copied or moved since the build, same bytes: cache kept", cache_dir)
+    if get_rank() == 0:
+        _write_manifest(cache_dir, {**manifest, "stat_signature": signature})
 
 
 def _read_shards(

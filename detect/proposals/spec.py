@@ -213,4 +213,4 @@ def _unbuilt(directory: Path, records: list[DetectionRecord], method: ProposalMe
         return False
     if not isinstance(manifest, dict) or manifest.get("complete"):
         return False
-    return manifest.get("fingerprint") == cache_fingerprint(records, method)[0]
+    return manifest.get("fingerprint") == cache_fingerprint(records, method, manifest)[0]
