@@ -121,6 +121,23 @@ def test_a_copied_or_moved_data_set_keeps_its_cache(
     assert build_cache(copies, SS, cache, workers=1, shard_size=2, progress=False)["computed"] == 0
 
 
+def test_a_read_only_cache_of_touched_images_is_still_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = write_images(tmp_path / "images", 2)
+    cache = tmp_path / "cache"
+    build_cache(records, SS, cache, workers=1, shard_size=2, progress=False)
+    os.utime(records[0].file_name, ns=(1, 1))  # a new date, the same bytes
+
+    def read_only(cache_dir: Path, manifest: dict) -> None:
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr("detect.proposals.cache._write_manifest", read_only)
+    with caplog.at_level(logging.WARNING):
+        assert len(load_cache(records, SS, cache)) == 2
+    assert "cannot record the images' new dates" in caplog.text
+
+
 def test_data_set_change_invalidates(tmp_path: Path) -> None:
     records = write_images(tmp_path / "images", 3)
     cache = tmp_path / "cache"

@@ -383,7 +383,12 @@ def _refresh_signature(cache_dir: Path, manifest: dict[str, Any], signature: str
         return
     log.info("%s: the images were copied or moved since the build, same bytes: cache kept", cache_dir)
     if get_rank() == 0:
-        _write_manifest(cache_dir, {**manifest, "stat_signature": signature})
+        try:
+            _write_manifest(cache_dir, {**manifest, "stat_signature": signature})
+        except OSError as error:  # a read-only cache stays usable: its readers hash the images each time
+            log.warning(
+                "%s: cannot record the images' new dates (%s); the next read hashes again", cache_dir, error
+            )
 
 
 def _read_shards(
