@@ -109,10 +109,10 @@ def dataset_fingerprint(
     """``(content fingerprint, stat signature)`` of the images; the content fingerprint comes from
     ``manifest`` without reading any image when its stat signature still matches."""
     signature = stat_signature(records)
-    parts = manifest.get("parts") if isinstance(manifest, dict) else None
-    known = parts.get("dataset") if isinstance(parts, dict) else None
-    if known is not None and manifest.get("stat_signature") == signature:  # type: ignore[union-attr]
-        return known, signature
+    if isinstance(manifest, dict) and manifest.get("stat_signature") == signature:
+        parts = manifest.get("parts")
+        if isinstance(parts, dict) and parts.get("dataset") is not None:
+            return parts["dataset"], signature
     return content_fingerprint(records), signature
 
 
