@@ -73,6 +73,24 @@ def test_warp_shows_the_box_contents_and_mean_outside() -> None:
     assert torch.isfinite(point).all() and point.shape == (1, 3, 8, 8)
 
 
+def test_square_warp_keeps_the_aspect_ratio() -> None:
+    # The tightest square about a 2:1 box: same centre, side = the longer side, then the context.
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 40.0]])
+    torch.testing.assert_close(context_boxes(boxes, 32, 0, square=True), torch.tensor([[10.0, 10.0, 50.0, 50.0]]))
+    padded = context_boxes(boxes, 32, 4, square=True)
+    assert float(padded[0, 2] - padded[0, 0]) == pytest.approx(float(padded[0, 3] - padded[0, 1]))
+    # A 20 x 10 bright bar on a tight box: the anisotropic warp fills the output with it, the
+    # square warp shows it as a band half the output's height, centred, with the mean above and below.
+    image = torch.zeros(1, 3, 40, 60)
+    image[:, :, 10:20, 30:50] = 1.0
+    rois = torch.tensor([[0.0, 30.0, 10.0, 50.0, 20.0]])
+    assert warp_regions(image, rois, 16, padding=0).mean() > 0.9
+    square = warp_regions(image, rois, 16, padding=0, square=True)[0, 0]
+    assert square[5:11, 1:-1].min() > 0.99
+    assert square[:3].max() < 0.01 and square[-3:].max() < 0.01
+    assert float(square.mean()) == pytest.approx(0.5, abs=0.05)
+
+
 def test_postprocess_is_per_class_nms_with_threshold_and_top_k() -> None:
     boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60]], dtype=torch.float32)
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.05, 0.005, 0.945]])

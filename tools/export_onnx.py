@@ -55,7 +55,6 @@ from backbone.weights import load_model, read_weights_file
 from detect.rcnn.data import image_to_tensor
 from detect.rcnn.export import check_shared_onnx, export_shared_onnx
 from detect.rcnn.model import DETECTOR_FORMAT, RegionClassifier, load_detector
-from detect.rcnn.regions import warp_regions
 
 logger = logging.getLogger("export_onnx")
 
@@ -97,7 +96,6 @@ class Target:
     class_names: list[str] | None
     info: dict[str, Any] = field(default_factory=dict)  # preprocessing and notes for the JSON
     shorter_side: int | None = None  # detector: images are shrunk to this before warping
-    padding: int = 0  # detector: context pixels around each warped region
     detector: RegionClassifier | None = None
 
     def real_inputs(self, paths: list[Path]) -> torch.Tensor:
@@ -115,7 +113,8 @@ class Target:
         h, w = image.shape[:2]
         boxes = [[0, 0, w, h], [w / 4, h / 4, 3 * w / 4, 3 * h / 4], [0, 0, w / 2, h / 2]]
         rois = torch.tensor([[0.0, *box] for box in boxes])
-        return warp_regions(image_to_tensor(image)[None], rois, self.image_size, self.padding)
+        assert self.detector is not None  # softmax targets are detectors
+        return self.detector.warp(image_to_tensor(image)[None], rois)
 
 
 def read(path: Path) -> np.ndarray:
@@ -177,7 +176,7 @@ def detector_target(args: argparse.Namespace) -> Target:
         print(f"note: {note}")
     preprocessing = {
         "image_shorter_side": shorter_side,
-        "region_warp": f"anisotropic to {arch.input_size}x{arch.input_size}, {arch.padding} px context "
+        "region_warp": f"{arch.warp} to {arch.input_size}x{arch.input_size}, {arch.padding} px context "
         "at that scale, outside the image the mean pixel (0 after normalisation)",
         **normalisation(),
     }
@@ -186,7 +185,7 @@ def detector_target(args: argparse.Namespace) -> Target:
         "region_classifier", network, FirstOutput(network, softmax=True), arch.input_size,
         "regions", "probs", True, [*names, "__background__"] if names else None,
         {"preprocessing": preprocessing, "mode": arch.mode, "notes": notes},
-        int(shorter_side) if shorter_side else None, arch.padding, detector,
+        int(shorter_side) if shorter_side else None, detector,
     )  # fmt: skip
 
 

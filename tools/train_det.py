@@ -60,6 +60,7 @@ class ModelConfig:
     mode: Literal["crop", "shared"] = "crop"  # crop: R-CNN warps; shared: Fast R-CNN style RoIAlign
     input_size: int = 224
     padding: int = 16  # context pixels at network scale (R-CNN's p; 0 = tight)
+    warp: Literal["anisotropic", "square"] = "anisotropic"  # square: R-CNN's tightest square, keeps aspect
     trunk_stage: str = "inception4e"  # shared mode: run once per image up to here
     aux_logits: bool = True
     freeze_through: str | None = None
@@ -242,6 +243,7 @@ def train(cfg: TrainDetConfig, args: argparse.Namespace, run) -> int:
         mode=m.mode,
         input_size=m.input_size,
         padding=m.padding,
+        warp=m.warp,
         trunk_stage=m.trunk_stage,
         aux_logits=m.aux_logits,
         sampling_ratio=m.sampling_ratio,

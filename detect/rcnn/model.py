@@ -41,6 +41,8 @@ class RegionClassifierArch:
     mode: Literal["crop", "shared"] = "crop"
     input_size: int = 224
     padding: int = 16  # context pixels at network scale around each warped region
+    # anisotropic: R-CNN's warp of the box itself; square: the tightest square about it (keeps aspect)
+    warp: Literal["anisotropic", "square"] = "anisotropic"
     trunk_stage: str = "inception4e"  # shared mode: the last stage run once per image
     sampling_ratio: int = 2
     transform_input: bool = False
@@ -89,7 +91,8 @@ class RegionClassifier(nn.Module):
 
     def warp(self, images: Tensor, rois: Tensor) -> Tensor:
         arch = self.arch
-        crops = warp_regions(images, rois, arch.input_size, arch.padding, arch.sampling_ratio)
+        square = arch.warp == "square"
+        crops = warp_regions(images, rois, arch.input_size, arch.padding, arch.sampling_ratio, square)
         return crops.contiguous(memory_format=torch.channels_last) if _is_channels_last(images) else crops
 
     def forward_shared(self, images: Tensor, rois: Tensor) -> GoogLeNetOutputs:
@@ -103,7 +106,7 @@ class RegionClassifier(nn.Module):
         """RoIAlign of each (context-dilated) region on the trunk's map, at the size the next stage
         sees for a whole ``input_size`` image: a region the size of the image reproduces the plain network."""
         arch = self.arch
-        boxes = context_boxes(rois[:, 1:].float(), arch.input_size, arch.padding)
+        boxes = context_boxes(rois[:, 1:].float(), arch.input_size, arch.padding, arch.warp == "square")
         rois = torch.cat([rois[:, :1].float(), boxes], dim=1)
         scale = 1.0 / self.feature_stride
         # In fp32 whatever the autocast: bf16 box coordinates would be rounded to 2-4 px.

@@ -66,9 +66,17 @@ def sample_regions(
     return np.concatenate([chosen_fg, chosen_bg]).astype(np.int64)
 
 
-def context_boxes(boxes: Tensor, output_size: int, padding: int) -> Tensor:
+def context_boxes(boxes: Tensor, output_size: int, padding: int, square: bool = False) -> Tensor:
     """Dilate boxes about their centres so that, warped to ``output_size`` pixels, each keeps
-    ``padding`` pixels of context on every side at the output's scale (R-CNN's p = 16 at 227)."""
+    ``padding`` pixels of context on every side at the output's scale (R-CNN's p = 16 at 227).
+
+    ``square``: first grow each box to the square of its longer side about its centre (R-CNN's
+    "tightest square with context"), so the warp scales both axes alike and keeps the object's
+    aspect ratio; the default anisotropic warp stretches a 2:1 box (an ellipse) into a square."""
+    if square:
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        half = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1, keepdim=True).expand(-1, 2) / 2
+        boxes = torch.cat([centre - half, centre + half], dim=1)
     if padding <= 0:
         return boxes
     if 2 * padding >= output_size:
@@ -80,17 +88,23 @@ def context_boxes(boxes: Tensor, output_size: int, padding: int) -> Tensor:
 
 
 def warp_regions(
-    images: Tensor, rois: Tensor, output_size: int, padding: int = 16, sampling_ratio: int = 2
+    images: Tensor,
+    rois: Tensor,
+    output_size: int,
+    padding: int = 16,
+    sampling_ratio: int = 2,
+    square: bool = False,
 ) -> Tensor:
     """Warp each region to ``output_size`` x ``output_size`` with context padding, batched.
 
     ``images``: ``(B, 3, H, W)`` normalised (so 0 is the mean pixel); ``rois``: ``(R, 5)`` rows
-    ``(batch index, x1, y1, x2, y2)`` in that tensor's pixels. Anisotropic warp as R-CNN; outside
-    the image is the mean pixel (roi_align samples beyond the border as 0). Returns ``(R, 3, S, S)``.
+    ``(batch index, x1, y1, x2, y2)`` in that tensor's pixels. Anisotropic warp as R-CNN (``square``:
+    the tightest square, see ``context_boxes``); outside the image is the mean pixel (roi_align
+    samples beyond the border as 0). Returns ``(R, 3, S, S)``.
     """
     if rois.numel() == 0:
         return images.new_zeros((0, images.shape[1], output_size, output_size))
-    boxes = context_boxes(rois[:, 1:].float(), output_size, padding)
+    boxes = context_boxes(rois[:, 1:].float(), output_size, padding, square)
     rois = torch.cat([rois[:, :1].to(boxes.dtype), boxes], dim=1).to(images.dtype)
     # aligned=True: box coordinates are continuous (pixel i spans [i, i + 1)), as in our records.
     return roi_align(images, rois, output_size, 1.0, sampling_ratio, aligned=True)
