@@ -76,7 +76,8 @@ def test_warp_shows_the_box_contents_and_mean_outside() -> None:
 def test_square_warp_keeps_the_aspect_ratio() -> None:
     # The tightest square about a 2:1 box: same centre, side = the longer side, then the context.
     boxes = torch.tensor([[10.0, 20.0, 50.0, 40.0]])
-    torch.testing.assert_close(context_boxes(boxes, 32, 0, square=True), torch.tensor([[10.0, 10.0, 50.0, 50.0]]))
+    square_box = context_boxes(boxes, 32, 0, square=True)
+    torch.testing.assert_close(square_box, torch.tensor([[10.0, 10.0, 50.0, 50.0]]))
     padded = context_boxes(boxes, 32, 4, square=True)
     assert float(padded[0, 2] - padded[0, 0]) == pytest.approx(float(padded[0, 3] - padded[0, 1]))
     # A 20 x 10 bright bar on a tight box: the anisotropic warp fills the output with it, the
