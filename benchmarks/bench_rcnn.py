@@ -2,7 +2,7 @@
 shared-feature mode against crop mode, in one run on the same image and boxes.
 
     python benchmarks/bench_rcnn.py [--size 128] [--regions 128] [--image 384x512] [--repeats 3]
-        [--trunk-stage inception4e --trunk-stage inception5a]
+        [--trunk-stage inception4e --trunk-stage inception5a] [--sampling-ratio 2 --sampling-ratio 1]
 
 Prints the ratio crop-mode throughput / bare-forward throughput (issue target >= 0.85) and the
 seconds per image of both modes' region stage for ``--proposals`` boxes (target: shared >= 10x fewer).
@@ -45,6 +45,10 @@ def main() -> None:
     parser.add_argument(
         "--trunk-stage", action="append", default=None, help="shared mode's last per-image stage (repeatable)"
     )
+    parser.add_argument(
+        "--sampling-ratio", type=int, action="append", default=None,
+        help="crop warp's roi_align samples per bin side (repeatable; the first meets shared mode)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     height, width = (int(v) for v in args.image.split("x"))
@@ -54,17 +58,23 @@ def main() -> None:
     wh = 20 + torch.rand(args.proposals, 2, generator=gen) * torch.tensor([width * 0.3, height * 0.3])
     boxes = torch.cat([xy, xy + wh], dim=1)
 
-    crop = build_region_classifier(RegionClassifierArch("bn", 3, input_size=args.size, padding=8)).eval()
-    crop.backbone = fuse_for_inference(crop.backbone, channels_last=True)
     rois = torch.cat([torch.zeros(args.regions, 1), boxes[: args.regions]], dim=1)
-    crops = crop.warp(image, rois).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        bare = best_of(lambda: crop.backbone(crops), args.repeats)
-        warped = best_of(lambda: crop.backbone(crop.warp(image, rois)), args.repeats)
-    print(
-        f"{args.regions} regions at {args.size} px: bare forward {args.regions / bare:.1f} regions/s, "
-        f"warp + forward {args.regions / warped:.1f} regions/s, ratio {bare / warped:.3f} (target >= 0.85)"
-    )
+    crop_models = []  # one per sampling ratio
+    for sampling_ratio in args.sampling_ratio or [2]:
+        arch = RegionClassifierArch("bn", 3, input_size=args.size, padding=8, sampling_ratio=sampling_ratio)
+        crop = build_region_classifier(arch).eval()
+        crop.backbone = fuse_for_inference(crop.backbone, channels_last=True)
+        crops = crop.warp(image, rois).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            bare = best_of(lambda: crop.backbone(crops), args.repeats)  # noqa: B023
+            warped = best_of(lambda: crop.backbone(crop.warp(image, rois)), args.repeats)  # noqa: B023
+        print(
+            f"{args.regions} regions at {args.size} px, sampling ratio {sampling_ratio}: bare forward "
+            f"{args.regions / bare:.1f} regions/s, warp + forward {args.regions / warped:.1f} regions/s, "
+            f"ratio {bare / warped:.3f} (target >= 0.85)"
+        )
+        crop_models.append(crop)
+    crop = crop_models[0]
 
     crop_s = best_of(lambda: region_probs(crop, image, boxes, args.regions), 1)
     for stage in args.trunk_stage or ["inception4e"]:
