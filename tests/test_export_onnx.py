@@ -179,8 +179,8 @@ def test_tool_errors_are_one_line_exit_2(checkpoint: Path, tmp_path: Path, capsy
 
 @pytest.fixture
 def detector_checkpoint(tmp_path: Path) -> Path:
-    """A train_det-style model file: 3 classes (4 outputs with background), 64 px crops."""
-    arch = RegionClassifierArch(variant="bn", num_classes=3, aux_logits=True, input_size=SIZE, padding=4)
+    """A train_det-style model file: 3 classes (4 outputs with background), 64 px square warps."""
+    arch = RegionClassifierArch(variant="bn", num_classes=3, input_size=SIZE, padding=4, warp="square")
     detector = build_region_classifier(arch)
     calibrate(detector.backbone)
     path = tmp_path / "det" / "model.pt"
@@ -202,12 +202,14 @@ def test_tool_exports_a_detector_region_classifier(detector_checkpoint: Path, tm
     assert info["input"] == {"name": "regions", "shape": ["batch", 3, SIZE, SIZE]}
     assert info["output"] == {"name": "probs", "shape": ["batch", 4]}
     assert info["preprocessing"]["image_shorter_side"] == 80
+    assert info["preprocessing"]["region_warp"].startswith(f"square to {SIZE}x{SIZE}, 4 px context")
     session = onnx_session(folder / "region_classifier.onnx")
     probs = run_onnx(session, np.random.default_rng(0).normal(size=(5, 3, SIZE, SIZE)))
     assert probs.shape == (5, 4)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     # The same softmax the detector's own region scoring gives on these crops.
     detector, _ = load_detector(detector_checkpoint)
+    assert detector.arch.warp == "square"  # the model file keeps the warp
     crops = torch.from_numpy(np.random.default_rng(1).normal(size=(3, 3, SIZE, SIZE)).astype(np.float32))
     with torch.no_grad():
         expected = torch.softmax(detector.backbone(crops).logits, dim=1).numpy()
