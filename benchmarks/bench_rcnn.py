@@ -19,7 +19,7 @@ import torch
 
 from backbone.inference import fuse_for_inference
 from detect.rcnn.engine import region_probs
-from detect.rcnn.model import RegionClassifierArch, build_region_classifier
+from detect.rcnn.model import RegionClassifier, RegionClassifierArch, build_region_classifier
 
 
 def best_of(fn, repeats: int) -> float:
@@ -30,6 +30,24 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def crop_classifier(size: int, sampling_ratio: int) -> RegionClassifier:
+    arch = RegionClassifierArch("bn", 3, input_size=size, padding=8, sampling_ratio=sampling_ratio)
+    crop = build_region_classifier(arch).eval()
+    crop.backbone = fuse_for_inference(crop.backbone, channels_last=True)
+    return crop
+
+
+@torch.no_grad()
+def bare_and_warped_seconds(
+    crop: RegionClassifier, image: torch.Tensor, rois: torch.Tensor, repeats: int
+) -> tuple[float, float]:
+    """Seconds of the bare forward on ready crops and of warp + forward, on the same regions."""
+    crops = crop.warp(image, rois).contiguous(memory_format=torch.channels_last)
+    bare = best_of(lambda: crop.backbone(crops), repeats)
+    warped = best_of(lambda: crop.backbone(crop.warp(image, rois)), repeats)
+    return bare, warped
 
 
 def main() -> None:
@@ -59,22 +77,16 @@ def main() -> None:
     boxes = torch.cat([xy, xy + wh], dim=1)
 
     rois = torch.cat([torch.zeros(args.regions, 1), boxes[: args.regions]], dim=1)
-    crop_models = []  # one per sampling ratio
-    for sampling_ratio in args.sampling_ratio or [2]:
-        arch = RegionClassifierArch("bn", 3, input_size=args.size, padding=8, sampling_ratio=sampling_ratio)
-        crop = build_region_classifier(arch).eval()
-        crop.backbone = fuse_for_inference(crop.backbone, channels_last=True)
-        crops = crop.warp(image, rois).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            bare = best_of(lambda: crop.backbone(crops), args.repeats)  # noqa: B023
-            warped = best_of(lambda: crop.backbone(crop.warp(image, rois)), args.repeats)  # noqa: B023
+    ratios = args.sampling_ratio or [2]
+    crop_by_ratio = {ratio: crop_classifier(args.size, ratio) for ratio in ratios}
+    for ratio, model in crop_by_ratio.items():
+        bare, warped = bare_and_warped_seconds(model, image, rois, args.repeats)
         print(
-            f"{args.regions} regions at {args.size} px, sampling ratio {sampling_ratio}: bare forward "
+            f"{args.regions} regions at {args.size} px, sampling ratio {ratio}: bare forward "
             f"{args.regions / bare:.1f} regions/s, warp + forward {args.regions / warped:.1f} regions/s, "
             f"ratio {bare / warped:.3f} (target >= 0.85)"
         )
-        crop_models.append(crop)
-    crop = crop_models[0]
+    crop = crop_by_ratio[ratios[0]]
 
     crop_s = best_of(lambda: region_probs(crop, image, boxes, args.regions), 1)
     for stage in args.trunk_stage or ["inception4e"]:
